@@ -1,0 +1,86 @@
+"""Command line: ``authz serve``, ``authz check-config`` and ``authz keys new|hash``.
+
+Every flag can also come from an ``AUTHZ_*`` environment variable (read here, once, and nowhere else).
+Exit codes: 0 success, 2 bad config or catalog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import string
+import sys
+
+import yaml
+
+from authz import __version__, logs
+from authz.config import effective_config, load_config
+from authz.decision.authorize import key_digest
+from authz.errors import ConfigError
+from authz.standalone.catalog_file import load_catalog
+
+KEY_ALPHABET = string.ascii_letters + string.digits
+KEY_LENGTH = 40  # like Apigee consumer keys; about 238 bits of entropy
+
+
+def _parser() -> argparse.ArgumentParser:
+    env = os.environ
+    parser = argparse.ArgumentParser(prog="authz", description="Envoy ext_authz service for Apigee")
+    parser.add_argument("--version", action="version", version=f"authz {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("serve", "run the service"), ("check-config", "validate and print the config")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("-c", "--config", default=env.get("AUTHZ_CONFIG", "config.yaml"))
+        command.add_argument("-l", "--log-level", default=env.get("AUTHZ_LOG_LEVEL", "info"),
+                             choices=["debug", "info", "warning", "error"], type=str.lower)  # fmt: skip
+        command.add_argument("-j", "--json-log", action="store_true",
+                             default=env.get("AUTHZ_JSON_LOG", "") in ("1", "true"))  # fmt: skip
+    keys = commands.add_parser("keys", help="API keys for the local catalog")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    key_commands.add_parser("new", help="print a new random API key and its catalog line")
+    key_commands.add_parser("hash", help="read API keys on stdin, print their key_sha256 lines")
+    return parser
+
+
+def new_key() -> str:
+    return "".join(secrets.choice(KEY_ALPHABET) for _ in range(KEY_LENGTH))
+
+
+def _keys(command: str) -> int:
+    if command == "new":
+        key = new_key()
+        print(f"API key (give it to the client; it is not stored anywhere): {key}")
+        print("Catalog line (paste under the app's credentials):")
+        print(f'  - key_sha256: "{key_digest(key)}"')
+        return 0
+    for line in sys.stdin:
+        if line.strip():
+            print(f'- key_sha256: "{key_digest(line.strip())}"')
+    return 0
+
+
+def _check_config(path: str) -> int:
+    config = load_config(path)
+    if config.standalone:
+        catalog = load_catalog(config.tenant.catalog_file)
+        print(f"# catalog: {len(catalog.products)} products, {len(catalog.credentials)} credentials")
+    print(yaml.safe_dump(effective_config(config), sort_keys=False), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "keys":
+        return _keys(args.keys_command)
+    logs.setup(args.log_level, args.json_log)
+    try:
+        if args.command == "check-config":
+            return _check_config(args.config)
+        from authz.app import serve  # grpc is imported only to serve
+
+        return asyncio.run(serve(load_config(args.config)))
+    except ConfigError as exc:
+        print(f"authz: {exc}", file=sys.stderr)
+        return 2

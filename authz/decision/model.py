@@ -1,0 +1,178 @@
+"""Value objects of the decision core: request attributes, catalog, policy and the decision.
+
+Everything here is a frozen dataclass or an enum, built by the edges (codec, catalog loaders, app) and
+read by ``authorize.decide``. Imports: the standard library only.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "CONNECT", "TRACE"})
+
+
+class DenyReason(enum.Enum):
+    """Why a request was denied. The value is the stable reason code (deny body, metrics label, logs)."""
+
+    MISSING_CREDENTIALS = "missing_credentials"  # no API key at all
+    MALFORMED_CREDENTIALS = "malformed_credentials"  # too long, bad characters
+    AMBIGUOUS_CREDENTIALS = "ambiguous_credentials"  # several different keys in one request
+    UNKNOWN_KEY = "unknown_key"
+    REVOKED_KEY = "revoked_key"  # credential, app or developer not active
+    EXPIRED_KEY = "expired_key"
+    MISSING_API = "missing_api"  # neither the apigee_api context extension nor the API header
+    NOT_AUTHORIZED = "not_authorized"  # no product grants environment + API + path + method
+    MISSING_ENVIRONMENT = "missing_environment"  # multi-tenant and no apigee_environment extension
+    ENVIRONMENT_MISMATCH = "environment_mismatch"  # extension names another environment than the config
+    NOT_READY = "not_ready"  # no catalog loaded yet
+    INTERNAL_ERROR = "internal_error"  # an unexpected error while deciding
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAttrs:
+    """What the decision needs from one Envoy CheckRequest (built by the codec).
+
+    Header names are lowercase (Envoy lowercases them); duplicate headers arrive joined with ",".
+    """
+
+    method: str
+    path: str  # without the query string, raw (not decoded or normalised)
+    query: str  # the raw query string without "?"
+    headers: Mapping[str, str]
+    context_extensions: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    limit: int
+    interval: int
+    time_unit: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResourcePattern:
+    """An Apigee resource path (``/``, ``/v1/*/items``, ``/v1/**``) and its compiled regex."""
+
+    resource: str
+    regex: re.Pattern[str] | None  # None: "/" which matches every path
+
+    def matches(self, path: str) -> bool:
+        return self.regex is None or self.regex.match(path) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    resource: ResourcePattern
+    methods: frozenset[str]  # upper case; an empty list in the product means ALL_METHODS
+
+
+@dataclass(frozen=True, slots=True)
+class OperationConfig:
+    api_source: str
+    operations: tuple[Operation, ...]
+    quota: Quota | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    """An API product in the shape Apigee's remote-service API returns it, parsed once."""
+
+    name: str
+    environments: frozenset[str]
+    scopes: frozenset[str] = frozenset()
+    targets: frozenset[str] = frozenset()  # attribute apigee-remote-service-targets (legacy binding)
+    api_resources: tuple[ResourcePattern, ...] = ()
+    operation_configs: tuple[OperationConfig, ...] | None = None  # None: no operationGroup
+    quota: Quota | None = None
+    display_name: str = ""
+
+
+class CredentialStatus(enum.Enum):
+    APPROVED = "approved"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """One API key of one app, as the local catalog (or a key index) knows it. Never holds the key itself."""
+
+    key_sha256: str  # lowercase hex
+    client_id: str  # safe to log and export: an identifier, never the key
+    app_name: str
+    developer_email: str
+    products: tuple[str, ...]
+    active: bool = True  # credential approved, app approved and developer active
+    expires_at: float | None = None  # epoch seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """An immutable snapshot of products and credentials, swapped whole on reload."""
+
+    products: Mapping[str, Product]
+    credentials: Mapping[str, Credential]  # by key_sha256
+    loaded_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The configuration the decision reads (built by app.py from the config)."""
+
+    org: str
+    env: str  # "*" = multi-tenant: taken from the apigee_environment context extension
+    api_key_header: str = "x-api-key"
+    api_header: str = ":authority"
+    allow_unauthorized: bool = False
+    append_metadata_headers: bool = False
+
+    @property
+    def multi_tenant(self) -> bool:
+        return self.env == "*"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthContext:
+    """Who is calling, once the credential is known."""
+
+    client_id: str
+    app_name: str
+    developer_email: str
+    products: tuple[str, ...]
+    access_token: str = ""
+    scopes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizedOperation:
+    """One product operation that grants this request (each quota-bearing one is charged later)."""
+
+    product: str
+    api_source: str
+    quota: Quota | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of ``decide``: an allow (``reason is None``) or a deny with a reason.
+
+    ``fail_open`` marks a policy deny turned into an allow by ``auth.allow_unauthorized``; it keeps the
+    original ``reason``.
+    """
+
+    reason: DenyReason | None
+    api: str = ""
+    environment: str = ""
+    auth: AuthContext | None = None
+    operations: tuple[AuthorizedOperation, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    headers_to_set: tuple[tuple[str, str], ...] = ()
+    headers_to_remove: tuple[str, ...] = ()
+    query_params_to_remove: tuple[str, ...] = ()
+    fail_open: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        return self.reason is None or self.fail_open

@@ -1,0 +1,45 @@
+"""The service's exception hierarchy; each class carries a stable ``code``.
+
+    AuthzError
+    ├── ConfigError            bad config or catalog file: names the file, the key and the problem
+    ├── CatalogError           a local catalog that cannot be loaded (a ConfigError subclass)
+    └── CheckError             anything that stops Check from deciding; mapped to an explicit 503 deny
+
+The codes are reused as the ``reason`` label of metrics and in deny bodies, so they never change.
+This module imports nothing from the project.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class AuthzError(Exception):
+    """Base of every error this service raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+
+
+class ConfigError(AuthzError):
+    """A config (or catalog) file that cannot be used: ``{file}: {key}: {problem}``."""
+
+    code = "config_error"
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        self.file = file
+        self.key = key
+        self.problem = problem
+        where = f"{file}: {key}" if key else file
+        super().__init__(f"{where}: {problem}")
+
+
+class CatalogError(ConfigError):
+    """A local catalog file that cannot be loaded; the last good catalog stays in use."""
+
+    code = "catalog_error"
+
+
+class CheckError(AuthzError):
+    """Check could not reach a decision; answered with an explicit 503 deny."""
+
+    code = "internal_error"

@@ -1,0 +1,80 @@
+"""Every Prometheus metric of the service, on one CollectorRegistry passed down from app.py.
+
+Names follow the Go adapter where one exists (``auth_requests_seconds``, ``products_cached``) so that
+dashboards carry over. Labels are bounded: org, env, HTTP code, reason code; never a key, client id or path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Check takes tens of microseconds; the Go adapter's DefBuckets (5 ms and up) would show nothing.
+CHECK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    auth_requests: Histogram
+    auth_denied: Counter
+    auth_allowed_unauthorized: Counter
+    auth_check_errors: Counter
+    products_cached: Gauge
+    credentials_cached: Gauge
+    catalog_reloads: Counter
+    catalog_loaded_timestamp: Gauge
+    ready: Gauge
+
+
+def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
+    """A fresh registry with every metric (each test gets its own)."""
+    registry = CollectorRegistry(auto_describe=True)
+    return Metrics(
+        registry=registry,
+        auth_requests=Histogram(
+            "auth_requests_seconds",
+            "Time to answer one ext_authz Check, by the HTTP status the decision stands for.",
+            ["org", "env", "code"],
+            buckets=buckets,
+            registry=registry,
+        ),
+        auth_denied=Counter(
+            "auth_denied",
+            "Denied Check requests by HTTP status and stable reason code.",
+            ["org", "env", "code", "reason"],
+            registry=registry,
+        ),
+        auth_allowed_unauthorized=Counter(
+            "auth_allowed_unauthorized",
+            "Requests let through by auth.allow_unauthorized although the decision was a deny.",
+            ["org", "env", "reason"],
+            registry=registry,
+        ),
+        auth_check_errors=Counter(
+            "auth_check_errors",
+            "Unexpected errors caught at the Check boundary (answered with an explicit 503 deny).",
+            ["org"],
+            registry=registry,
+        ),
+        products_cached=Gauge(
+            "products_cached", "API products in the current catalog.", ["org"], registry=registry
+        ),
+        credentials_cached=Gauge(
+            "credentials_cached", "API-key credentials in the current catalog.", ["org"], registry=registry
+        ),
+        catalog_reloads=Counter(
+            "catalog_reloads",
+            "Catalog loads by result (ok, error); an error keeps the last good catalog.",
+            ["org", "result"],
+            registry=registry,
+        ),
+        catalog_loaded_timestamp=Gauge(
+            "catalog_loaded_timestamp_seconds",
+            "When the catalog in use was loaded (epoch seconds); age = time() - this.",
+            ["org"],
+            registry=registry,
+        ),
+        ready=Gauge("ready", "1 when Check answers with decisions, 0 otherwise.", registry=registry),
+    )

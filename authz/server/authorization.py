@@ -1,0 +1,79 @@
+"""AuthorizationServicer.Check: codec -> decide -> codec, behind the one error boundary.
+
+No exception leaves Check: an exception reaching grpc becomes an Envoy error, which fails open under
+``failure_mode_allow``. Anything unexpected is answered with an explicit 503 deny and counted. The request
+path does no I/O: the catalog is an in-memory snapshot and metrics are in-process counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+from authz.clock import Clock
+from authz.decision.authorize import decide
+from authz.decision.model import Catalog, Decision, DenyReason, Policy
+from authz.metrics import Metrics
+from authz.server import codec
+
+log = logging.getLogger(__name__)
+
+_INTERNAL = Decision(reason=DenyReason.INTERNAL_ERROR)
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(
+        self, catalog: Callable[[], Catalog | None], policy: Policy, metrics: Metrics, clock: Clock
+    ) -> None:
+        self._catalog = catalog
+        self._policy = policy
+        self._metrics = metrics
+        self._clock = clock
+        self._observers: dict[tuple[str, int], Any] = {}
+
+    async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method name)
+        started = time.perf_counter()
+        try:
+            attrs = codec.request_attrs(request)
+            decision = decide(attrs, self._catalog(), self._policy, self._clock.now())
+            response = codec.check_response(decision)
+        except Exception:
+            # Never log the request here: it may carry a credential.
+            log.exception("Check failed; answering 503")
+            self._metrics.auth_check_errors.labels(self._policy.org).inc()
+            decision, response, attrs = _INTERNAL, codec.denied_response(DenyReason.INTERNAL_ERROR), None
+        try:
+            self._record(decision, attrs, time.perf_counter() - started)
+        except Exception:  # metrics or logging must never change the answer
+            log.exception("recording the Check outcome failed")
+        return response
+
+    def _record(self, decision: Decision, attrs: Any, elapsed: float) -> None:
+        env = decision.environment or self._policy.env
+        code = 200 if decision.reason is None else codec.http_status(decision.reason)
+        observer = self._observers.get((env, code))
+        if observer is None:
+            observer = self._metrics.auth_requests.labels(self._policy.org, env, str(code))
+            self._observers[(env, code)] = observer
+        observer.observe(elapsed)
+        if decision.reason is None:
+            return
+        reason = decision.reason.value
+        if decision.fail_open:
+            self._metrics.auth_allowed_unauthorized.labels(self._policy.org, env, reason).inc()
+        else:
+            self._metrics.auth_denied.labels(self._policy.org, env, str(code), reason).inc()
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s: %s %s api=%s path=%s request_id=%s",
+                "allowed unauthorized" if decision.fail_open else "denied",
+                reason,
+                attrs.method if attrs else "-",
+                decision.api or "-",
+                attrs.path[:200] if attrs else "-",
+                attrs.headers.get("x-request-id", "-") if attrs else "-",
+            )

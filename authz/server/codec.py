@@ -1,0 +1,126 @@
+"""Protobuf in, protobuf out: CheckRequest -> RequestAttrs and Decision -> CheckResponse.
+
+The one module that touches Envoy's ext_authz messages (from xds-protos, upb-backed). It holds the single
+status table mapping each deny reason to a gRPC code, an HTTP status and a user-facing message. Deny
+responses are constant per reason, so they are built once at import.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2
+
+from authz.decision.model import Decision, DenyReason, RequestAttrs
+
+UNAUTHENTICATED: Final = (code_pb2.UNAUTHENTICATED, 401)
+FORBIDDEN: Final = (code_pb2.PERMISSION_DENIED, 403)
+# A status in the CheckResponse body is a deny Envoy honours as sent (status_on_error does not apply),
+# so "cannot decide" is answered with an explicit 503, never left to Envoy's failure mode.
+UNAVAILABLE: Final = (code_pb2.UNAVAILABLE, 503)
+
+# reason -> (gRPC code, HTTP status, message shown to the client)
+DENY_STATUS: Final[dict[DenyReason, tuple[int, int, str]]] = {
+    DenyReason.MISSING_CREDENTIALS: (*UNAUTHENTICATED, "An API key is required."),
+    DenyReason.MALFORMED_CREDENTIALS: (*UNAUTHENTICATED, "The API key is malformed."),
+    DenyReason.AMBIGUOUS_CREDENTIALS: (*UNAUTHENTICATED, "The request carries more than one API key."),
+    DenyReason.UNKNOWN_KEY: (*UNAUTHENTICATED, "The API key is not valid."),
+    DenyReason.REVOKED_KEY: (*UNAUTHENTICATED, "The API key has been revoked."),
+    DenyReason.EXPIRED_KEY: (*UNAUTHENTICATED, "The API key has expired."),
+    DenyReason.MISSING_API: (*FORBIDDEN, "The request does not name an API."),
+    DenyReason.NOT_AUTHORIZED: (*FORBIDDEN, "The API key is not allowed to call this operation."),
+    DenyReason.MISSING_ENVIRONMENT: (*UNAVAILABLE, "The service is not configured for this route."),
+    DenyReason.ENVIRONMENT_MISMATCH: (*UNAVAILABLE, "The service is not configured for this route."),
+    DenyReason.NOT_READY: (*UNAVAILABLE, "The service is starting; try again shortly."),
+    DenyReason.INTERNAL_ERROR: (*UNAVAILABLE, "The request could not be authorized; try again."),
+}
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def http_status(reason: DenyReason) -> int:
+    return DENY_STATUS[reason][1]
+
+
+def request_attrs(request: Any) -> RequestAttrs:
+    """Extract what the decision needs. Pseudo-headers (``:authority``, ``:path``) are in the map."""
+    attributes = request.attributes
+    http = attributes.request.http
+    headers = dict(http.headers)
+    if not headers and len(http.header_map.headers):
+        headers = _raw_headers(http.header_map)
+    path, _, query = http.path.partition("?")
+    return RequestAttrs(
+        method=http.method,
+        path=path,
+        query=query,
+        headers=headers,
+        context_extensions=dict(attributes.context_extensions),
+    )
+
+
+def _raw_headers(header_map: Any) -> dict[str, str]:
+    """``encode_raw_headers: true`` sends each header line apart; join duplicates as Envoy does otherwise."""
+    joined: dict[str, str] = {}
+    for entry in header_map.headers:
+        value = entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+        name = entry.key.lower()
+        joined[name] = f"{joined[name]},{value}" if name in joined else value
+    return joined
+
+
+def _denied(reason: DenyReason) -> Any:
+    grpc_code, status, message = DENY_STATUS[reason]
+    response = pb.CheckResponse()
+    response.status.code = grpc_code
+    response.status.message = reason.value
+    denied = response.denied_response
+    denied.status.code = status
+    denied.body = json.dumps({"error": message, "reason": reason.value})
+    header = denied.headers.add()
+    header.header.key = "content-type"
+    header.header.value = "application/json"
+    header.append_action = _OVERWRITE
+    return response
+
+
+_DENIED: Final = {reason: _denied(reason) for reason in DenyReason}
+
+
+def denied_response(reason: DenyReason) -> Any:
+    """The prebuilt deny for a reason (shared, never mutate it)."""
+    return _DENIED[reason]
+
+
+def check_response(decision: Decision) -> Any:
+    """The CheckResponse for a decision: a constant deny, or an OK with header changes and metadata."""
+    if not decision.allowed:
+        assert decision.reason is not None  # allowed is False only with a reason
+        return _DENIED[decision.reason]
+    response = pb.CheckResponse()
+    response.status.code = code_pb2.OK
+    ok = response.ok_response
+    for name, value in decision.headers_to_set:
+        option = ok.headers.add()
+        option.header.key = name
+        option.header.value = value
+        option.append_action = _OVERWRITE
+    if decision.headers_to_remove:
+        ok.headers_to_remove.extend(decision.headers_to_remove)
+    if decision.query_params_to_remove:
+        ok.query_parameters_to_remove.extend(decision.query_params_to_remove)
+    if decision.metadata:
+        fields = response.dynamic_metadata.fields
+        for key, value in decision.metadata.items():
+            fields[key].string_value = value
+    return response
+
+
+def metadata_struct(response: Any) -> dict[str, str]:
+    """The string fields of a response's dynamic metadata (for tests and logs)."""
+    struct: struct_pb2.Struct = response.dynamic_metadata
+    return {k: v.string_value for k, v in struct.fields.items()}

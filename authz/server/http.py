@@ -1,0 +1,70 @@
+"""The HTTP side port: /metrics (Prometheus), /livez, /readyz and /healthz (= ready, as the Go adapter).
+
+A deliberately small asyncio HTTP/1.0-style server: one GET per connection, bounded request size and time,
+no request bodies. It serves operators and probes, not traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from authz.metrics import Metrics
+from authz.server.health import Health
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 8192
+READ_TIMEOUT = 5.0
+
+
+class HttpEndpoints:
+    def __init__(self, health: Health, metrics: Metrics) -> None:
+        self._health = health
+        self._metrics = metrics
+
+    def route(self, method: str, path: str) -> tuple[int, str, bytes]:
+        path = path.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"method not allowed\n"
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self._metrics.registry)
+        if path == "/livez":
+            return 200, "text/plain", b"ok\n"
+        if path in ("/readyz", "/healthz"):
+            components = self._health.components()
+            status = 200 if all(components.values()) else 503
+            return status, "application/json", json.dumps(components).encode() + b"\n"
+        return 404, "text/plain", b"not found\n"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            status, content_type, body = self.route(method, path)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            status, content_type, body, method = 400, "text/plain", b"bad request\n", "GET"
+        except Exception:
+            log.exception("metrics endpoint error")
+            status, content_type, body, method = 500, "text/plain", b"error\n", "GET"
+        header = (
+            f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            writer.write(header.encode() + (b"" if method == "HEAD" else body))
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> asyncio.Server:
+        return await asyncio.start_server(
+            self.handle, host or None, port, limit=MAX_REQUEST_BYTES, ssl=tls, reuse_address=True
+        )

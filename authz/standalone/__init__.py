@@ -1,0 +1,1 @@
+"""Standalone mode: products and API keys from a local catalog file instead of Apigee."""
