@@ -112,7 +112,8 @@ def _operations(raw: Any, where: str) -> tuple[Operation, ...]:
 def _operation_configs(group: Any) -> tuple[OperationConfig, ...]:
     if not isinstance(group, Mapping):
         raise ProductError("operationGroup: expected a mapping")
-    raw = group.get("operationConfigs") or []
+    raw = group.get("operationConfigs")
+    raw = [] if raw is None else raw
     if not isinstance(raw, list):
         raise ProductError("operationGroup.operationConfigs: expected a list")
     configs = []
@@ -120,7 +121,8 @@ def _operation_configs(group: Any) -> tuple[OperationConfig, ...]:
         where = f"operationGroup.operationConfigs[{i}]"
         if not isinstance(item, Mapping):
             raise ProductError(f"{where}: expected a mapping")
-        quota_raw = item.get("quota") or {}
+        quota_raw = item.get("quota")
+        quota_raw = {} if quota_raw is None else quota_raw
         if not isinstance(quota_raw, Mapping):
             raise ProductError(f"{where}.quota: expected a mapping")
         quota = parse_quota(
