@@ -50,7 +50,7 @@ class _Reader:
             raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
         for name in value:
             if name not in allowed:
-                hint = difflib.get_close_matches(str(name), sorted(allowed), n=1)
+                hint = difflib.get_close_matches(str(name), sorted(allowed), n=1, cutoff=0.4)
                 extra = f" (did you mean '{hint[0]}'?)" if hint else ""
                 raise self.fail(f"{key}.{name}" if key else str(name), f"unknown key{extra}")
         return value

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+
+from authz.decision.model import Decision, DenyReason
+from authz.server import codec
+
+
+def check_request(path="/v1/orders?x-api-key=k&a=1", headers=None, ext=None):
+    request = pb.CheckRequest()
+    http = request.attributes.request.http
+    http.method = "GET"
+    http.path = path
+    http.headers.update({":authority": "orders.example.com", "x-api-key": "k", **(headers or {})})
+    request.attributes.context_extensions.update(ext or {})
+    return request
+
+
+def test_request_attrs():
+    attrs = codec.request_attrs(check_request(ext={"apigee_api": "orders"}))
+    assert attrs.method == "GET"
+    assert attrs.path == "/v1/orders"
+    assert attrs.query == "x-api-key=k&a=1"
+    assert attrs.headers[":authority"] == "orders.example.com"
+    assert attrs.context_extensions == {"apigee_api": "orders"}
+
+
+def test_request_attrs_from_raw_header_map_joins_duplicates():
+    request = pb.CheckRequest()
+    http = request.attributes.request.http
+    http.path = "/"
+    for key, raw in (("X-Api-Key", b"a"), ("x-api-key", b"b"), ("bin", b"\xff")):
+        http.header_map.headers.add(key=key, raw_value=raw)
+    attrs = codec.request_attrs(request)
+    assert attrs.headers == {"x-api-key": "a,b", "bin": "\ufffd"}
+
+
+def test_empty_request_is_readable():
+    attrs = codec.request_attrs(pb.CheckRequest())
+    assert (attrs.method, attrs.path, attrs.query, dict(attrs.headers)) == ("", "", "", {})
+
+
+@pytest.mark.parametrize("reason", list(DenyReason))
+def test_every_deny_has_a_nonzero_status_and_json_body(reason):
+    response = codec.check_response(Decision(reason=reason))
+    grpc_code, status, message = codec.DENY_STATUS[reason]
+    assert response.status.code == grpc_code != 0
+    assert response.denied_response.status.code == status
+    assert status in (401, 403, 503)
+    assert json.loads(response.denied_response.body) == {"error": message, "reason": reason.value}
+    assert response.denied_response.headers[0].header.key == "content-type"
+    assert not response.HasField("ok_response")
+    # round-trips through the wire format unchanged
+    assert pb.CheckResponse.FromString(response.SerializeToString()) == response
+
+
+def test_allow_response():
+    decision = Decision(
+        reason=None,
+        metadata={"x-apigee-api": "orders", "x-apigee-authorized": "true"},
+        headers_to_set=(("x-apigee-api", "orders"),),
+        headers_to_remove=("x-api-key", "x-apigee-spoof"),
+        query_params_to_remove=("x-api-key",),
+    )
+    response = codec.check_response(decision)
+    assert response.status.code == 0
+    ok = response.ok_response
+    assert [(h.header.key, h.header.value) for h in ok.headers] == [("x-apigee-api", "orders")]
+    assert ok.headers[0].append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    assert list(ok.headers_to_remove) == ["x-api-key", "x-apigee-spoof"]
+    assert list(ok.query_parameters_to_remove) == ["x-api-key"]
+    assert codec.metadata_struct(response) == {"x-apigee-api": "orders", "x-apigee-authorized": "true"}
+
+
+def test_fail_open_is_an_allow():
+    decision = Decision(
+        reason=DenyReason.UNKNOWN_KEY,
+        fail_open=True,
+        metadata={"x-apigee-unauthorized-reason": "unknown_key"},
+    )
+    response = codec.check_response(decision)
+    assert response.status.code == 0
+    assert not response.HasField("denied_response")
