@@ -1,0 +1,579 @@
+"""Load the service config once, into frozen typed dataclasses.
+
+This module owns the config file format: the Go adapter's YAML schema (``global``, ``tenant``,
+``products``, ``analytics``, ``auth``; see ``reference/apigee-adapter.md`` §2), read either as plain
+YAML or as the multi-document Kubernetes stream that ``apigee-remote-service-cli provision`` prints
+(a ConfigMap holding ``config.yaml`` plus policy and analytics Secrets). It applies the named
+``DEFAULT_*`` values, turns Go duration strings into float seconds, and enforces types, minimums and
+cross-field rules. Unlike the Go adapter, unknown keys are errors. Every problem is raised as one
+``ConfigError(file, dotted.key, problem)``; nothing reads the environment.
+
+Keys this service adds to the Go schema: ``global.graceful_shutdown_timeout``, ``tenant.catalog_file``
+and ``tenant.catalog_poll_interval``. Relative file paths (the catalog and TLS files) are resolved
+against the config file's directory and stored absolute.
+
+Imports only the standard library, ``yaml`` and ``authz.errors``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import ipaddress
+import json
+import logging
+import os
+import re
+from collections.abc import Hashable
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from authz.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_API_ADDRESS = ":5000"
+DEFAULT_METRICS_ADDRESS = ":5001"
+DEFAULT_TEMP_DIR = "/tmp/apigee-istio"  # noqa: S108 - the Go adapter's default, kept for parity
+DEFAULT_KEEP_ALIVE_MAX_CONNECTION_AGE = 60.0
+DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT = 10.0
+DEFAULT_CLIENT_TIMEOUT = 30.0
+DEFAULT_CATALOG_POLL_INTERVAL = 2.0
+DEFAULT_STANDALONE_ORG = "standalone"
+DEFAULT_PRODUCTS_REFRESH = 120.0
+DEFAULT_ANALYTICS_FILE_LIMIT = 1024
+DEFAULT_ANALYTICS_SEND_CHANNEL_SIZE = 10
+DEFAULT_ANALYTICS_COLLECTION_INTERVAL = 120.0
+DEFAULT_API_KEY_CACHE_DURATION = 1800.0
+DEFAULT_API_KEY_HEADER = "x-api-key"
+DEFAULT_API_HEADER = ":authority"
+
+MIN_CATALOG_POLL_INTERVAL = 0.05
+MIN_PRODUCTS_REFRESH = 1.0
+PRODUCTS_REFRESH_WARN_BELOW = 60.0  # the Go adapter refuses anything below 1m
+MIN_COLLECTION_INTERVAL = 1.0
+MASK = "***"
+SECTIONS = ("global", "tenant", "products", "analytics", "auth")
+APIGEE_MODE_UNAVAILABLE = (
+    "Apigee mode is not available yet; set tenant.catalog_file to run standalone from a local catalog"
+)
+
+
+@dataclass(frozen=True)
+class Address:
+    """A listen address; ``host == ""`` means all interfaces. IPv6 hosts are stored without brackets."""
+
+    host: str
+    port: int
+
+    def grpc_target(self) -> str:
+        """The address for ``grpc.aio.Server.add_insecure_port``: ``[::]:port`` when host is empty."""
+        return f"[::]:{self.port}" if not self.host else str(self)
+
+    def http_host(self) -> str:
+        """The host for asyncio/http.server binds, where ``""`` already means all interfaces."""
+        return self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    api_address: Address = Address("", 5000)
+    metrics_address: Address = Address("", 5001)
+    temp_dir: str = DEFAULT_TEMP_DIR
+    keep_alive_max_connection_age: float = DEFAULT_KEEP_ALIVE_MAX_CONNECTION_AGE
+    tls: ServerTLS = ServerTLS()
+    graceful_shutdown_timeout: float = DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT
+
+
+@dataclass(frozen=True)
+class TenantTLS:
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    allow_unverified_ssl_cert: bool = False
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    internal_api: str = ""
+    remote_service_api: str = ""
+    org_name: str = ""
+    env_name: str = ""
+    key: str = field(default="", repr=False)
+    secret: str = field(default="", repr=False)
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT
+    tls: TenantTLS = TenantTLS()
+    catalog_file: str = ""
+    catalog_poll_interval: float = DEFAULT_CATALOG_POLL_INTERVAL
+
+    @property
+    def multi_tenant(self) -> bool:
+        return self.env_name == "*"
+
+
+@dataclass(frozen=True)
+class ProductsConfig:
+    refresh_rate: float = DEFAULT_PRODUCTS_REFRESH
+
+
+@dataclass(frozen=True)
+class AnalyticsConfig:
+    legacy_endpoint: bool = False
+    file_limit: int = DEFAULT_ANALYTICS_FILE_LIMIT
+    send_channel_size: int = DEFAULT_ANALYTICS_SEND_CHANNEL_SIZE
+    collection_interval: float = DEFAULT_ANALYTICS_COLLECTION_INTERVAL
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    api_key_claim: str = ""
+    api_key_cache_duration: float = DEFAULT_API_KEY_CACHE_DURATION
+    api_key_header: str = DEFAULT_API_KEY_HEADER  # lowercased at load: Envoy lowercases header keys
+    api_header: str = DEFAULT_API_HEADER
+    allow_unauthorized: bool = False
+    jwt_provider_key: str = ""
+    append_metadata_headers: bool = False
+
+
+@dataclass(frozen=True)
+class PolicySecret:
+    """The provisioned signing key: ``kid`` from remote-service.properties, PEM key, JWKS JSON."""
+
+    kid: str
+    private_key_pem: str = field(repr=False)
+    jwks: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    global_: GlobalConfig
+    tenant: TenantConfig
+    products: ProductsConfig
+    analytics: AnalyticsConfig
+    auth: AuthConfig
+    policy_secret: PolicySecret | None = field(default=None, repr=False)
+    analytics_secret_json: str | None = field(default=None, repr=False)
+
+    @property
+    def standalone(self) -> bool:
+        return self.tenant.catalog_file != ""
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate the config file at ``path``; raises ``ConfigError``."""
+    file = os.fspath(path)
+    try:
+        with open(file, encoding="utf-8") as stream:
+            text = stream.read()
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, "", "cannot read: not UTF-8 text") from exc
+    raw, policy, analytics_json = _split_documents(file, text)
+    top = _Section(file, "", raw, SECTIONS, os.path.dirname(os.path.abspath(file)))
+    config = Config(
+        path=os.path.abspath(file),
+        global_=_global(top.child("global", GlobalConfig)),
+        tenant=_tenant(top.child("tenant", TenantConfig)),
+        products=_products(top.child("products", ProductsConfig)),
+        analytics=_analytics(top.child("analytics", AnalyticsConfig)),
+        auth=_auth(top.child("auth", AuthConfig)),
+        policy_secret=policy,
+        analytics_secret_json=analytics_json,
+    )
+    return _cross_check(file, config)
+
+
+def _cross_check(file: str, config: Config) -> Config:
+    api, metrics, tenant = config.global_.api_address, config.global_.metrics_address, config.tenant
+    if api.port and api == metrics:
+        raise ConfigError(file, "global.metrics_address", f"same as global.api_address ({api})")
+    if not config.standalone:
+        raise ConfigError(file, "tenant.catalog_file", APIGEE_MODE_UNAVAILABLE)
+    if not tenant.env_name:
+        raise ConfigError(file, "tenant.env_name", "required when tenant.catalog_file is set")
+    if not tenant.org_name:
+        return replace(config, tenant=replace(tenant, org_name=DEFAULT_STANDALONE_ORG))
+    return config
+
+
+_UNIT_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9}
+_UNIT_NS["h"] = 3600 * 10**9
+_COMPONENT = re.compile(r"([0-9]*)(?:\.([0-9]*))?(ns|us|µs|μs|ms|s|m|h)")
+_MAX_NS = 2**63 - 1  # Go's time.Duration range (about 292 years)
+
+
+def parse_duration(value: object, file: str, key: str) -> float:
+    """Parse a Go duration string (``"30s"``, ``"1m30s"``, ``"1.5h"``, ``"500ms"``) into seconds."""
+    if not isinstance(value, str):
+        raise ConfigError(file, key, f'expected a duration string such as "30s" or "2m", got {_kind(value)}')
+    if not value:
+        raise ConfigError(file, key, 'expected a duration such as "30s" or "2m", got an empty string')
+    if re.fullmatch(r"[+-]?[0-9]*\.?[0-9]*", value):
+        raise ConfigError(file, key, f'missing unit in duration "{value}" (use ns, us, ms, s, m or h)')
+    body = value[1:] if value[0] in "+-" else value
+    total, pos = 0, 0
+    while pos < len(body):
+        match = _COMPONENT.match(body, pos)
+        if match is None or not (match[1] or match[2]):
+            raise ConfigError(file, key, f'invalid duration "{value}" (expected e.g. "30s", "1m30s", "1.5h")')
+        unit, fraction = _UNIT_NS[match[3]], match[2] or ""
+        total += int(match[1] or 0) * unit + (int(fraction) * unit // 10 ** len(fraction) if fraction else 0)
+        pos = match.end()
+    if not body or total > _MAX_NS:
+        raise ConfigError(file, key, f'invalid duration "{value}" (expected e.g. "30s", "1m30s", "1.5h")')
+    if value[0] == "-" and total:
+        raise ConfigError(file, key, f'must not be negative, got "{value}"')
+    return total / 1e9
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds the way Go's ``time.Duration.String`` does: ``2m0s``, ``1m30s``, ``500ms``."""
+    ns = round(seconds * 1e9)
+    if 0 < ns < 10**9:
+        unit, size = next((u, s) for u, s in (("ms", 10**6), ("µs", 10**3), ("ns", 1)) if ns >= s)
+        return f"{ns / size:.6f}".rstrip("0").rstrip(".") + unit
+    hours, rest = divmod(ns, _UNIT_NS["h"])
+    minutes, rest = divmod(rest, _UNIT_NS["m"])
+    text = f"{rest / 1e9:.9f}".rstrip("0").rstrip(".") + "s"
+    return f"{hours}h{minutes}m{text}" if hours else f"{minutes}m{text}" if minutes else text
+
+
+def parse_address(value: object, file: str, key: str) -> Address:
+    """Parse ``":5000"``, ``"127.0.0.1:0"`` (port 0 picks a free port) or ``"[::1]:5000"``."""
+    if not isinstance(value, str):
+        raise ConfigError(file, key, f"expected a string, got {_kind(value)}")
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise ConfigError(file, key, f'expected "host:port" or ":port", got "{value}"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(file, key, f'invalid IPv6 host "{host}"') from None
+    elif ":" in host:
+        raise ConfigError(file, key, f'IPv6 hosts need brackets, like "[::1]:5000"; got "{value}"')
+    elif re.search(r"[\s\[\]/]", host):
+        raise ConfigError(file, key, f'invalid host "{host}"')
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ConfigError(file, key, f'invalid port "{port}" (expected 0-65535)')
+    return Address(host, int(port))
+
+
+_KINDS = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "mapping", list: "list"}
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else _KINDS.get(type(value), type(value).__name__)
+
+
+class _Section:
+    """One YAML mapping: typed getters with defaults, and an error for any key it does not know."""
+
+    def __init__(self, file: str, path: str, raw: object, known: tuple[str, ...], base_dir: str) -> None:
+        if raw is None:  # "tls:" with every entry commented out
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(file, path, f"expected a mapping, got {_kind(raw)}")
+        self.file, self.path, self.base_dir, self._raw = file, path, base_dir, raw
+        for name in map(str, raw):
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else "expected one of: " + ", ".join(known)
+                raise self.error(name, f"unknown {'key' if path else 'section'} ({hint})")
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), problem)
+
+    def child(self, name: str, cls: type[DataclassInstance]) -> _Section:
+        known = tuple(f.name for f in fields(cls))
+        return _Section(self.file, self.key(name), self._raw.get(name), known, self.base_dir)
+
+    def text(self, name: str, default: str = "", *, required: bool = False) -> str:
+        value = self._raw.get(name, default)
+        if not isinstance(value, str):
+            raise self.error(name, f"expected a string, got {_kind(value)}")
+        if required and not value:
+            raise self.error(name, "must not be empty")
+        return value
+
+    def flag(self, name: str) -> bool:
+        value = self._raw.get(name, False)
+        if not isinstance(value, bool):
+            raise self.error(name, f"expected a boolean, got {_kind(value)}")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int) -> int:
+        value = self._raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"expected an integer, got {_kind(value)}")
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum}, got {value}")
+        return value
+
+    def duration(self, name: str, default: float, minimum: float = 0.0, *, positive: bool = False) -> float:
+        if name not in self._raw:
+            return default
+        value = parse_duration(self._raw[name], self.file, self.key(name))
+        if positive and value == 0:
+            raise self.error(name, "must be greater than 0s")
+        if value < minimum:
+            raise self.error(name, f"must be at least {format_duration(minimum)}, got {self._raw[name]}")
+        return value
+
+    def address(self, name: str, default: str) -> Address:
+        return parse_address(self._raw.get(name, default), self.file, self.key(name))
+
+    def url(self, name: str) -> str:
+        value = self.text(name)
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise self.error(name, f'expected an http or https URL, got "{value}"')
+        return value
+
+    def file_path(self, name: str) -> str:
+        """A file that must exist, resolved against the config file's directory; "" when unset."""
+        value = self.text(name)
+        if not value:
+            return ""
+        resolved = os.path.normpath(os.path.join(self.base_dir, value))
+        if not os.path.exists(resolved):
+            raise self.error(name, f"file not found: {resolved}")
+        if not os.path.isfile(resolved):
+            raise self.error(name, f"not a regular file: {resolved}")
+        return resolved
+
+    def file_set(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Files that must be given all together or not at all (the Go adapter's TLS rule)."""
+        given = [n for n in names if self.text(n)]
+        if given and len(given) < len(names):
+            missing = next(n for n in names if n not in given)
+            raise self.error(missing, f"required when {', '.join(map(self.key, given))} is set")
+        return tuple(self.file_path(n) for n in names)
+
+
+def _global(s: _Section) -> GlobalConfig:
+    tls = s.child("tls", ServerTLS)
+    return GlobalConfig(
+        api_address=s.address("api_address", DEFAULT_API_ADDRESS),
+        metrics_address=s.address("metrics_address", DEFAULT_METRICS_ADDRESS),
+        temp_dir=s.text("temp_dir", DEFAULT_TEMP_DIR, required=True),
+        keep_alive_max_connection_age=s.duration(
+            "keep_alive_max_connection_age", DEFAULT_KEEP_ALIVE_MAX_CONNECTION_AGE, positive=True
+        ),
+        tls=ServerTLS(*tls.file_set(("cert_file", "key_file"))),
+        graceful_shutdown_timeout=s.duration("graceful_shutdown_timeout", DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT),
+    )
+
+
+def _tenant(s: _Section) -> TenantConfig:
+    tls = s.child("tls", TenantTLS)
+    ca_file, cert_file, key_file = tls.file_set(("ca_file", "cert_file", "key_file"))
+    return TenantConfig(
+        internal_api=s.url("internal_api"),
+        remote_service_api=s.url("remote_service_api"),
+        org_name=s.text("org_name"),
+        env_name=s.text("env_name"),
+        key=s.text("key"),
+        secret=s.text("secret"),
+        client_timeout=s.duration("client_timeout", DEFAULT_CLIENT_TIMEOUT, positive=True),
+        tls=TenantTLS(ca_file, cert_file, key_file, tls.flag("allow_unverified_ssl_cert")),
+        catalog_file=s.file_path("catalog_file"),
+        catalog_poll_interval=s.duration(
+            "catalog_poll_interval", DEFAULT_CATALOG_POLL_INTERVAL, MIN_CATALOG_POLL_INTERVAL
+        ),
+    )
+
+
+def _products(s: _Section) -> ProductsConfig:
+    rate = s.duration("refresh_rate", DEFAULT_PRODUCTS_REFRESH, MIN_PRODUCTS_REFRESH)
+    if rate < PRODUCTS_REFRESH_WARN_BELOW:
+        _log.warning(
+            "%s: products.refresh_rate %s is below 1m (the Go adapter's minimum); "
+            "every refresh downloads all API products from Apigee",
+            s.file,
+            format_duration(rate),
+        )
+    return ProductsConfig(refresh_rate=rate)
+
+
+def _analytics(s: _Section) -> AnalyticsConfig:
+    return AnalyticsConfig(
+        legacy_endpoint=s.flag("legacy_endpoint"),
+        file_limit=s.integer("file_limit", DEFAULT_ANALYTICS_FILE_LIMIT, 1),
+        send_channel_size=s.integer("send_channel_size", DEFAULT_ANALYTICS_SEND_CHANNEL_SIZE, 1),
+        collection_interval=s.duration(
+            "collection_interval", DEFAULT_ANALYTICS_COLLECTION_INTERVAL, MIN_COLLECTION_INTERVAL
+        ),
+    )
+
+
+def _auth(s: _Section) -> AuthConfig:
+    return AuthConfig(
+        api_key_claim=s.text("api_key_claim"),
+        api_key_cache_duration=s.duration("api_key_cache_duration", DEFAULT_API_KEY_CACHE_DURATION),
+        api_key_header=s.text("api_key_header", DEFAULT_API_KEY_HEADER, required=True).lower(),
+        api_header=s.text("api_header", DEFAULT_API_HEADER, required=True).lower(),
+        allow_unauthorized=s.flag("allow_unauthorized"),
+        jwt_provider_key=s.text("jwt_provider_key"),
+        append_metadata_headers=s.flag("append_metadata_headers"),
+    )
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects duplicate keys, as Go's yaml.v3 does (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key_node.value}'", key_node.start_mark
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(file: str, key: str, text: str) -> list[object]:
+    try:
+        return list(yaml.load_all(text, Loader=_StrictLoader))  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(file, key, f"invalid YAML{where}: {exc.problem or exc.context}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, key, f"invalid YAML: {exc}") from exc
+
+
+_POLICY_ENTRIES = ("remote-service.crt", "remote-service.key", "remote-service.properties")
+
+
+def _split_documents(file: str, text: str) -> tuple[object, PolicySecret | None, str | None]:
+    """Return (config mapping, policy secret, analytics JSON) from a plain or Kubernetes stream."""
+    docs = [d for d in _parse_yaml(file, "", text) if d is not None]
+    if not docs:
+        raise ConfigError(file, "", "empty config file")
+    k8s = [d for d in docs if isinstance(d, dict) and "kind" in d and "apiVersion" in d]
+    if not k8s:
+        if len(docs) > 1:
+            raise ConfigError(file, "", f"{len(docs)} YAML documents but no Kubernetes ConfigMap")
+        return docs[0], None, None
+    configs: list[tuple[str, object]] = []
+    policy: PolicySecret | None = None
+    analytics: str | None = None
+    for doc in k8s:
+        metadata = doc.get("metadata")
+        name = str(metadata.get("name", "")) if isinstance(metadata, dict) else ""
+        where, data = f"{doc['kind']}/{name}", doc.get("data") or {}
+        if doc["kind"] not in ("ConfigMap", "Secret"):
+            continue
+        if not isinstance(data, dict):
+            raise ConfigError(file, f"{where} data", f"expected a mapping, got {_kind(data)}")
+        if doc["kind"] == "ConfigMap" and "config.yaml" in data:
+            configs.append((f"{where} data.config.yaml", data["config.yaml"]))
+        elif doc["kind"] == "Secret" and "policy" in name:
+            policy = _policy_secret(file, where, data)
+        elif doc["kind"] == "Secret" and "analytics" in name:
+            analytics = _secret_text(file, where, data, "client_secret.json")
+            _json_object(file, f"{where} data.client_secret.json", analytics)
+    if len(configs) != 1:
+        raise ConfigError(file, "", f"expected one ConfigMap with data.config.yaml, found {len(configs)}")
+    key, inner = configs[0]
+    if not isinstance(inner, str):
+        raise ConfigError(file, key, f"expected a string, got {_kind(inner)}")
+    inner_docs = [d for d in _parse_yaml(file, key, inner) if d is not None]
+    if len(inner_docs) != 1:
+        raise ConfigError(file, key, f"expected one YAML document, found {len(inner_docs)}")
+    return inner_docs[0], policy, analytics
+
+
+def _secret_text(file: str, where: str, data: dict[Any, Any], entry: str) -> str:
+    key, value = f"{where} data.{entry}", data.get(entry)
+    if not isinstance(value, str):
+        raise ConfigError(file, key, f"expected a base64 string, got {_kind(value)}")
+    try:
+        return base64.b64decode("".join(value.split()), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise ConfigError(file, key, "not valid base64-encoded UTF-8 text") from None
+
+
+def _policy_secret(file: str, where: str, data: dict[Any, Any]) -> PolicySecret | None:
+    missing = [e for e in _POLICY_ENTRIES if e not in data]
+    if len(missing) == len(_POLICY_ENTRIES):
+        return None
+    if missing:
+        needed = ", ".join(_POLICY_ENTRIES)
+        raise ConfigError(file, f"{where} data", f"needs all of {needed}; missing {', '.join(missing)}")
+    jwks, pem, properties = (_secret_text(file, where, data, e) for e in _POLICY_ENTRIES)
+    kid = re.search(r"^[ \t]*kid[ \t]*[=:][ \t]*(\S+)", properties, re.MULTILINE)  # Java properties
+    if kid is None:
+        raise ConfigError(file, f"{where} data.remote-service.properties", "no kid= entry")
+    if "-----BEGIN" not in pem or "PRIVATE KEY-----" not in pem:
+        raise ConfigError(file, f"{where} data.remote-service.key", "not a PEM private key")
+    if not isinstance(_json_object(file, f"{where} data.remote-service.crt", jwks).get("keys"), list):
+        raise ConfigError(file, f"{where} data.remote-service.crt", 'not a JWKS (no "keys" list)')
+    return PolicySecret(kid=kid[1], private_key_pem=pem, jwks=jwks)
+
+
+def _json_object(file: str, key: str, text: str) -> dict[str, object]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ConfigError(file, key, "not a JSON object")
+    return value
+
+
+def effective_config(config: Config) -> dict[str, object]:
+    """The config as loaded, in the file's own shape: Go key names, Go-style durations, secrets masked."""
+    result: dict[str, object] = {
+        "global": _render(config.global_),
+        "tenant": _render(config.tenant),
+        "products": _render(config.products),
+        "analytics": _render(config.analytics),
+        "auth": _render(config.auth),
+    }
+    if config.policy_secret is not None:
+        result["policy_secret"] = _render(config.policy_secret)
+    if config.analytics_secret_json is not None:
+        result["analytics_secret"] = MASK
+    return result
+
+
+def _render(obj: DataclassInstance) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not f.repr:  # the secret fields
+            value = MASK if value else ""
+        elif isinstance(value, float):  # every float field is a duration in seconds
+            value = format_duration(value)
+        elif isinstance(value, Address):
+            value = str(value)
+        elif is_dataclass(value) and not isinstance(value, type):
+            value = _render(value)
+        out[f.name] = value
+    return out

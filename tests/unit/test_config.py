@@ -1,0 +1,594 @@
+"""Tests for authz.config: defaults, every key, the Kubernetes form, durations, and one fixture per error."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from authz import config as cfg
+from authz.config import (
+    Address,
+    AnalyticsConfig,
+    AuthConfig,
+    Config,
+    GlobalConfig,
+    PolicySecret,
+    ProductsConfig,
+    ServerTLS,
+    TenantConfig,
+    TenantTLS,
+    effective_config,
+    format_duration,
+    load_config,
+    parse_address,
+    parse_duration,
+)
+from authz.errors import ConfigError
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "config"
+CATALOG = str(FIXTURES / "catalog.yaml")
+
+
+def test_minimal_config_gets_every_default() -> None:
+    config = load_config(FIXTURES / "valid_minimal.yaml")
+
+    assert config == Config(
+        path=str(FIXTURES / "valid_minimal.yaml"),
+        global_=GlobalConfig(),
+        tenant=TenantConfig(org_name="standalone", env_name="test", catalog_file=CATALOG),
+        products=ProductsConfig(),
+        analytics=AnalyticsConfig(),
+        auth=AuthConfig(),
+    )
+    assert config.standalone
+    assert not config.tenant.multi_tenant
+
+
+def test_dataclass_defaults_match_the_named_constants() -> None:
+    g, t, p, a, u = GlobalConfig(), TenantConfig(), ProductsConfig(), AnalyticsConfig(), AuthConfig()
+    assert g.api_address == parse_address(cfg.DEFAULT_API_ADDRESS, "f", "k") == Address("", 5000)
+    assert g.metrics_address == parse_address(cfg.DEFAULT_METRICS_ADDRESS, "f", "k") == Address("", 5001)
+    assert (g.temp_dir, g.keep_alive_max_connection_age, g.graceful_shutdown_timeout) == (
+        "/tmp/apigee-istio",
+        60.0,
+        10.0,
+    )
+    assert (t.client_timeout, t.catalog_poll_interval) == (30.0, 2.0)
+    assert p.refresh_rate == cfg.DEFAULT_PRODUCTS_REFRESH == 120.0
+    assert (a.legacy_endpoint, a.file_limit, a.send_channel_size, a.collection_interval) == (
+        False,
+        1024,
+        10,
+        120.0,
+    )
+    assert (u.api_key_cache_duration, u.api_key_header, u.api_header) == (1800.0, "x-api-key", ":authority")
+
+
+def test_full_config_sets_every_key() -> None:
+    config = load_config(FIXTURES / "valid_full.yaml")
+
+    tls = FIXTURES / "tls"
+    assert config == Config(
+        path=str(FIXTURES / "valid_full.yaml"),
+        global_=GlobalConfig(
+            api_address=Address("127.0.0.1", 0),
+            metrics_address=Address("::1", 9001),
+            temp_dir="/var/tmp/authz",
+            keep_alive_max_connection_age=300.0,
+            tls=ServerTLS(cert_file=str(tls / "server.crt"), key_file=str(tls / "server.key")),
+            graceful_shutdown_timeout=2.5,
+        ),
+        tenant=TenantConfig(
+            internal_api="https://istioservices.apigee.net/edgemicro",
+            remote_service_api="http://localhost:8080/remote-service",
+            org_name="acme",
+            env_name="*",
+            key="the-key",
+            secret="the-secret",
+            client_timeout=90.0,
+            tls=TenantTLS(
+                ca_file=str(tls / "ca.crt"),
+                cert_file=str(tls / "client.crt"),
+                key_file=str(tls / "client.key"),
+                allow_unverified_ssl_cert=True,
+            ),
+            catalog_file=CATALOG,
+            catalog_poll_interval=0.25,
+        ),
+        products=ProductsConfig(refresh_rate=3600.0),
+        analytics=AnalyticsConfig(
+            legacy_endpoint=True, file_limit=10, send_channel_size=3, collection_interval=10.0
+        ),
+        auth=AuthConfig(
+            api_key_claim="api_key",
+            api_key_cache_duration=0.0,
+            api_key_header="x-custom-key",  # lowercased: Envoy lowercases header keys
+            api_header="x-api-name",
+            allow_unauthorized=True,
+            jwt_provider_key="https://apigee.example.com/remote-token/token",
+            append_metadata_headers=True,
+        ),
+    )
+    assert config.tenant.multi_tenant
+
+
+def test_config_is_frozen_and_its_repr_hides_secrets() -> None:
+    config = load_config(FIXTURES / "valid_full.yaml")
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.tenant.env_name = "prod"  # type: ignore[misc]
+    assert "the-key" not in repr(config)
+    assert "the-secret" not in repr(config)
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _int_b64url(value: int) -> str:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _provision_output(catalog_file: str) -> tuple[str, str, str, str]:
+    """A stream shaped like `apigee-remote-service-cli provision` prints (go-adapter.md §2.3)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode()
+    numbers = key.public_key().public_numbers()
+    kid = "2024-01-01T00:00:00Z"
+    jwk = {"kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid}
+    jwks = json.dumps({"keys": [jwk | {"n": _int_b64url(numbers.n), "e": _int_b64url(numbers.e)}]})
+    properties = f"kid={kid}\n"
+    service_account = json.dumps({"type": "service_account", "client_email": "sa@acme.iam.example"})
+    stream = f"""\
+# Configuration for apigee-remote-service-envoy (platform: GCP)
+# generated by apigee-remote-service-cli provision on 2024-01-01 00:00:00
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: apigee-remote-service-envoy
+  namespace: apigee
+data:
+  config.yaml: |
+    tenant:
+      remote_service_api: https://apigee.example.com/remote-service
+      org_name: acme
+      env_name: test
+      catalog_file: {catalog_file}
+    analytics:
+      collection_interval: 10s
+    auth:
+      jwt_provider_key: https://apigee.example.com/remote-token/token
+      append_metadata_headers: true
+---
+apiVersion: v1
+kind: Secret
+type: Opaque
+metadata:
+  name: acme-test-policy-secret
+  namespace: apigee
+data:
+  remote-service.crt: {_b64(jwks)}
+  remote-service.key: {_b64(pem)}
+  remote-service.properties: {_b64(properties)}
+---
+apiVersion: v1
+kind: Secret
+type: Opaque
+metadata:
+  name: acme-test-analytics-secret
+  namespace: apigee
+data:
+  client_secret.json: {_b64(service_account)}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: apigee-remote-service-envoy
+  namespace: apigee
+  labels:
+    org: acme
+"""
+    return stream, pem, jwks, service_account
+
+
+def test_kubernetes_stream_from_provision(tmp_path: Path) -> None:
+    stream, pem, jwks, service_account = _provision_output(CATALOG)
+    (tmp_path / "config.yaml").write_text(stream)
+
+    config = load_config(tmp_path / "config.yaml")
+
+    assert config.tenant == TenantConfig(
+        remote_service_api="https://apigee.example.com/remote-service",
+        org_name="acme",
+        env_name="test",
+        catalog_file=CATALOG,
+    )
+    assert config.analytics.collection_interval == 10.0
+    assert config.auth.jwt_provider_key == "https://apigee.example.com/remote-token/token"
+    assert config.auth.append_metadata_headers
+    assert config.policy_secret == PolicySecret(kid="2024-01-01T00:00:00Z", private_key_pem=pem, jwks=jwks)
+    assert config.analytics_secret_json == service_account
+    assert pem not in repr(config)
+
+
+def test_kubernetes_configmap_resolves_catalog_against_the_stream_file(tmp_path: Path) -> None:
+    (tmp_path / "products.yaml").write_text("products: []\ndevelopers: []\n")
+    stream, *_ = _provision_output("products.yaml")
+    (tmp_path / "config.yaml").write_text(stream)
+
+    assert load_config(tmp_path / "config.yaml").tenant.catalog_file == str(tmp_path / "products.yaml")
+
+
+DURATIONS = [
+    ("0s", 0.0),
+    ("30s", 30.0),
+    ("2m", 120.0),
+    ("1h", 3600.0),
+    ("1m30s", 90.0),
+    ("500ms", 0.5),
+    ("1.5h", 5400.0),
+    ("2.5s", 2.5),
+    (".5s", 0.5),
+    ("1h2m3s4ms", 3723.004),
+    ("250us", 0.00025),
+    ("250µs", 0.00025),
+    ("10ns", 1e-8),
+    ("+5s", 5.0),
+    ("-0s", 0.0),
+]
+
+
+@pytest.mark.parametrize(("text", "seconds"), DURATIONS)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text, "f.yaml", "k") == pytest.approx(seconds)
+
+
+BAD_DURATIONS = [
+    (30, 'expected a duration string such as "30s" or "2m", got integer'),
+    (1.5, 'expected a duration string such as "30s" or "2m", got number'),
+    (True, 'expected a duration string such as "30s" or "2m", got boolean'),
+    (None, 'expected a duration string such as "30s" or "2m", got null'),
+    ("", 'expected a duration such as "30s" or "2m", got an empty string'),
+    ("30", 'missing unit in duration "30" (use ns, us, ms, s, m or h)'),
+    ("0", 'missing unit in duration "0" (use ns, us, ms, s, m or h)'),
+    ("-5s", 'must not be negative, got "-5s"'),
+    ("-1m30s", 'must not be negative, got "-1m30s"'),
+    ("5 s", 'invalid duration "5 s" (expected e.g. "30s", "1m30s", "1.5h")'),
+    ("5d", 'invalid duration "5d" (expected e.g. "30s", "1m30s", "1.5h")'),
+    ("s", 'invalid duration "s" (expected e.g. "30s", "1m30s", "1.5h")'),
+    (".s", 'invalid duration ".s" (expected e.g. "30s", "1m30s", "1.5h")'),
+    ("1m30", 'invalid duration "1m30" (expected e.g. "30s", "1m30s", "1.5h")'),
+    ("+", 'missing unit in duration "+" (use ns, us, ms, s, m or h)'),
+    ("3000000h", 'invalid duration "3000000h" (expected e.g. "30s", "1m30s", "1.5h")'),
+]
+
+
+@pytest.mark.parametrize(("value", "problem"), BAD_DURATIONS)
+def test_parse_duration_rejects(value: object, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_duration(value, "f.yaml", "products.refresh_rate")
+    assert str(info.value) == f"f.yaml: products.refresh_rate: {problem}"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0s"),
+        (30.0, "30s"),
+        (120.0, "2m0s"),
+        (90.0, "1m30s"),
+        (3600.0, "1h0m0s"),
+        (5400.5, "1h30m0.5s"),
+        (0.5, "500ms"),
+        (0.05, "50ms"),
+        (0.00025, "250µs"),
+        (1e-8, "10ns"),
+        (2.5, "2.5s"),
+    ],
+)
+def test_format_duration_is_go_style_and_round_trips(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text, "f", "k") == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("text", "address", "grpc_target", "http_host", "rendered"),
+    [
+        (":5000", Address("", 5000), "[::]:5000", "", ":5000"),
+        ("127.0.0.1:0", Address("127.0.0.1", 0), "127.0.0.1:0", "127.0.0.1", "127.0.0.1:0"),
+        ("[::1]:5000", Address("::1", 5000), "[::1]:5000", "::1", "[::1]:5000"),
+        ("localhost:65535", Address("localhost", 65535), "localhost:65535", "localhost", "localhost:65535"),
+    ],
+)
+def test_addresses(text: str, address: Address, grpc_target: str, http_host: str, rendered: str) -> None:
+    parsed = parse_address(text, "f", "k")
+    assert parsed == address
+    assert (parsed.grpc_target(), parsed.http_host(), str(parsed)) == (grpc_target, http_host, rendered)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("localhost", 'expected "host:port" or ":port", got "localhost"'),
+        (":", 'invalid port "" (expected 0-65535)'),
+        (":http", 'invalid port "http" (expected 0-65535)'),
+        (":-1", 'invalid port "-1" (expected 0-65535)'),
+        ("[nope]:5000", 'invalid IPv6 host "nope"'),
+        ("a b:5000", 'invalid host "a b"'),
+    ],
+)
+def test_parse_address_rejects(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_address(text, "f.yaml", "global.api_address")
+    assert str(info.value) == f"f.yaml: global.api_address: {problem}"
+
+
+def test_refresh_rate_below_a_minute_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"tenant: {{env_name: test, catalog_file: {CATALOG}}}\nproducts: {{refresh_rate: 30s}}\n")
+
+    with caplog.at_level(logging.WARNING, logger="authz.config"):
+        assert load_config(path).products.refresh_rate == 30.0
+
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: products.refresh_rate 30s is below 1m (the Go adapter's minimum); "
+        "every refresh downloads all API products from Apigee"
+    ]
+
+
+def test_null_sections_mean_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"global:\n  tls:\nauth:\ntenant: {{env_name: test, catalog_file: {CATALOG}}}\n")
+
+    config = load_config(path)
+
+    assert (config.global_, config.auth) == (GlobalConfig(), AuthConfig())
+
+
+def test_effective_config_masks_secrets(tmp_path: Path) -> None:
+    stream, pem, jwks, service_account = _provision_output(CATALOG)
+    stream = stream.replace(
+        "      env_name: test\n", "      env_name: test\n      key: k1\n      secret: s1\n"
+    )
+    (tmp_path / "config.yaml").write_text(stream)
+
+    effective = effective_config(load_config(tmp_path / "config.yaml"))
+
+    tenant = effective["tenant"]
+    assert isinstance(tenant, dict)
+    assert (tenant["key"], tenant["secret"]) == ("***", "***")
+    assert effective["policy_secret"] == {
+        "kid": "2024-01-01T00:00:00Z",
+        "private_key_pem": "***",
+        "jwks": "***",
+    }
+    assert effective["analytics_secret"] == "***"
+    dumped = yaml.safe_dump(effective)
+    for secret in ("k1", "s1", pem, jwks, service_account, "client_email"):
+        assert secret not in dumped
+
+
+def test_effective_config_renders_the_file_shape_and_loads_back(tmp_path: Path) -> None:
+    config = load_config(FIXTURES / "valid_minimal.yaml")
+
+    effective = effective_config(config)
+
+    assert effective == {
+        "global": {
+            "api_address": ":5000",
+            "metrics_address": ":5001",
+            "temp_dir": "/tmp/apigee-istio",
+            "keep_alive_max_connection_age": "1m0s",
+            "tls": {"cert_file": "", "key_file": ""},
+            "graceful_shutdown_timeout": "10s",
+        },
+        "tenant": {
+            "internal_api": "",
+            "remote_service_api": "",
+            "org_name": "standalone",
+            "env_name": "test",
+            "key": "",
+            "secret": "",
+            "client_timeout": "30s",
+            "tls": {"ca_file": "", "cert_file": "", "key_file": "", "allow_unverified_ssl_cert": False},
+            "catalog_file": CATALOG,
+            "catalog_poll_interval": "2s",
+        },
+        "products": {"refresh_rate": "2m0s"},
+        "analytics": {
+            "legacy_endpoint": False,
+            "file_limit": 1024,
+            "send_channel_size": 10,
+            "collection_interval": "2m0s",
+        },
+        "auth": {
+            "api_key_claim": "",
+            "api_key_cache_duration": "30m0s",
+            "api_key_header": "x-api-key",
+            "api_header": ":authority",
+            "allow_unauthorized": False,
+            "jwt_provider_key": "",
+            "append_metadata_headers": False,
+        },
+    }
+    path = tmp_path / "effective.yaml"
+    path.write_text(yaml.safe_dump(effective))
+    assert dataclasses.replace(load_config(path), path=config.path) == config
+
+
+def test_missing_file() -> None:
+    path = FIXTURES / "no-such-config.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: cannot read: No such file or directory"
+
+
+def test_directory_is_not_a_config() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(FIXTURES)
+    assert str(info.value) == f"{FIXTURES}: cannot read: Is a directory"
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"tenant:\n  env_name: \xff\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: cannot read: not UTF-8 text"
+
+
+def test_yaml_reader_errors_are_config_errors(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("tenant:\n  env_name: te\x01st\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: invalid YAML: unacceptable character #x0001")
+
+
+def test_kubernetes_objects_that_carry_no_config_are_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: envoy-bootstrap}\ndata: {envoy.yaml: x}\n"
+        "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: adapter}\n"
+        f"data:\n  config.yaml: 'tenant: {{env_name: test, catalog_file: {CATALOG}}}'\n"
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {name: acme-test-policy-secret}\ndata: {}\n"
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {name: tls-certs}\ndata: {tls.crt: '!!'}\n"
+        "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: adapter}\ndata: [1]\n"
+    )
+
+    config = load_config(path)
+
+    assert (config.tenant.env_name, config.policy_secret, config.analytics_secret_json) == (
+        "test",
+        None,
+        None,
+    )
+
+
+# One fixture per invalid case; {dir} stands for the fixtures directory.
+INVALID = {
+    "invalid_address_not_string.yaml": "global.api_address: expected a string, got integer",
+    "invalid_analytics_secret_not_json.yaml": (
+        "Secret/acme-test-analytics-secret data.client_secret.json: not a JSON object"
+    ),
+    "invalid_bad_address.yaml": 'global.api_address: expected "host:port" or ":port", got "5000"',
+    "invalid_bad_duration.yaml": (
+        'products.refresh_rate: invalid duration "2 minutes" (expected e.g. "30s", "1m30s", "1.5h")'
+    ),
+    "invalid_bad_port.yaml": 'global.metrics_address: invalid port "70000" (expected 0-65535)',
+    "invalid_catalog_file_is_directory.yaml": "tenant.catalog_file: not a regular file: {dir}/tls",
+    "invalid_catalog_poll_interval_below_minimum.yaml": (
+        "tenant.catalog_poll_interval: must be at least 50ms, got 10ms"
+    ),
+    "invalid_client_timeout_zero.yaml": "tenant.client_timeout: must be greater than 0s",
+    "invalid_collection_interval_below_minimum.yaml": (
+        "analytics.collection_interval: must be at least 1s, got 500ms"
+    ),
+    "invalid_duplicate_key.yaml": "invalid YAML at line 4, column 3: duplicate key 'env_name'",
+    "invalid_duration_number.yaml": (
+        'tenant.client_timeout: expected a duration string such as "30s" or "2m", got integer'
+    ),
+    "invalid_duration_without_unit.yaml": (
+        'tenant.client_timeout: missing unit in duration "30" (use ns, us, ms, s, m or h)'
+    ),
+    "invalid_empty.yaml": "empty config file",
+    "invalid_file_limit_zero.yaml": "analytics.file_limit: must be at least 1, got 0",
+    "invalid_header_empty.yaml": "auth.api_key_header: must not be empty",
+    "invalid_ipv6_without_brackets.yaml": (
+        'global.api_address: IPv6 hosts need brackets, like "[::1]:5000"; got "::1:5000"'
+    ),
+    "invalid_k8s_config_empty.yaml": (
+        "ConfigMap/apigee-remote-service-envoy data.config.yaml: expected one YAML document, found 0"
+    ),
+    "invalid_k8s_config_not_string.yaml": (
+        "ConfigMap/apigee-remote-service-envoy data.config.yaml: expected a string, got mapping"
+    ),
+    "invalid_k8s_inner_unknown_key.yaml": (
+        "tenant.org: unknown key (expected one of: internal_api, remote_service_api, org_name, env_name, "
+        "key, secret, client_timeout, tls, catalog_file, catalog_poll_interval)"
+    ),
+    "invalid_k8s_inner_yaml.yaml": (
+        "ConfigMap/apigee-remote-service-envoy data.config.yaml: invalid YAML at line 3, column 1: "
+        "expected ',' or ']', but got '<stream end>'"
+    ),
+    "invalid_k8s_secret_data_not_mapping.yaml": "Secret/acme-test-policy-secret data: expected a mapping, got list",
+    "invalid_k8s_two_configmaps.yaml": "expected one ConfigMap with data.config.yaml, found 2",
+    "invalid_k8s_without_configmap.yaml": "expected one ConfigMap with data.config.yaml, found 0",
+    "invalid_keep_alive_zero.yaml": "global.keep_alive_max_connection_age: must be greater than 0s",
+    "invalid_missing_catalog_file.yaml": "tenant.catalog_file: file not found: {dir}/no-such-catalog.yaml",
+    "invalid_negative_duration.yaml": 'auth.api_key_cache_duration: must not be negative, got "-5m"',
+    "invalid_no_catalog_file.yaml": (
+        "tenant.catalog_file: Apigee mode is not available yet; "
+        "set tenant.catalog_file to run standalone from a local catalog"
+    ),
+    "invalid_null_value.yaml": "tenant.env_name: expected a string, got null",
+    "invalid_policy_secret_bad_base64.yaml": (
+        "Secret/acme-test-policy-secret data.remote-service.key: not valid base64-encoded UTF-8 text"
+    ),
+    "invalid_policy_secret_jwks.yaml": (
+        'Secret/acme-test-policy-secret data.remote-service.crt: not a JWKS (no "keys" list)'
+    ),
+    "invalid_policy_secret_not_pem.yaml": (
+        "Secret/acme-test-policy-secret data.remote-service.key: not a PEM private key"
+    ),
+    "invalid_policy_secret_partial.yaml": (
+        "Secret/acme-test-policy-secret data: needs all of remote-service.crt, remote-service.key, "
+        "remote-service.properties; missing remote-service.crt"
+    ),
+    "invalid_policy_secret_without_kid.yaml": (
+        "Secret/acme-test-policy-secret data.remote-service.properties: no kid= entry"
+    ),
+    "invalid_policy_secret_value_not_string.yaml": (
+        "Secret/acme-test-policy-secret data.remote-service.crt: expected a base64 string, got integer"
+    ),
+    "invalid_refresh_rate_below_minimum.yaml": "products.refresh_rate: must be at least 1s, got 500ms",
+    "invalid_same_addresses.yaml": "global.metrics_address: same as global.api_address (:7000)",
+    "invalid_section_not_mapping.yaml": "auth: expected a mapping, got list",
+    "invalid_send_channel_size_zero.yaml": "analytics.send_channel_size: must be at least 1, got 0",
+    "invalid_standalone_without_env_name.yaml": "tenant.env_name: required when tenant.catalog_file is set",
+    "invalid_temp_dir_empty.yaml": "global.temp_dir: must not be empty",
+    "invalid_tenant_tls_partial.yaml": "tenant.tls.cert_file: required when tenant.tls.ca_file is set",
+    "invalid_tls_file_missing.yaml": "global.tls.cert_file: file not found: {dir}/tls/missing.crt",
+    "invalid_tls_half_pair.yaml": "global.tls.key_file: required when global.tls.cert_file is set",
+    "invalid_top_level_list.yaml": "expected a mapping, got list",
+    "invalid_two_plain_documents.yaml": "2 YAML documents but no Kubernetes ConfigMap",
+    "invalid_unknown_key.yaml": "global.api_adress: unknown key (did you mean 'api_address'?)",
+    "invalid_unknown_key_no_match.yaml": (
+        "auth.frobnicate: unknown key (expected one of: api_key_claim, api_key_cache_duration, "
+        "api_key_header, api_header, allow_unauthorized, jwt_provider_key, append_metadata_headers)"
+    ),
+    "invalid_unknown_section.yaml": "tenants: unknown section (did you mean 'tenant'?)",
+    "invalid_url_scheme.yaml": (
+        'tenant.remote_service_api: expected an http or https URL, got "ftp://apigee.example.com/remote-service"'
+    ),
+    "invalid_url_without_host.yaml": 'tenant.internal_api: expected an http or https URL, got "https://"',
+    "invalid_wrong_type_bool.yaml": "auth.allow_unauthorized: expected a boolean, got string",
+    "invalid_wrong_type_int.yaml": "analytics.file_limit: expected an integer, got boolean",
+    "invalid_wrong_type_string.yaml": "tenant.env_name: expected a string, got integer",
+    "invalid_yaml.yaml": "invalid YAML at line 3, column 16: mapping values are not allowed here",
+}
+
+
+def test_every_invalid_fixture_has_a_case() -> None:
+    assert sorted(p.name for p in FIXTURES.glob("invalid_*.yaml")) == sorted(INVALID)
+
+
+@pytest.mark.parametrize(("name", "problem"), sorted(INVALID.items()))
+def test_invalid_config(name: str, problem: str) -> None:
+    path = FIXTURES / name
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: " + problem.replace("{dir}", str(FIXTURES))
