@@ -1,0 +1,1 @@
+"""Local development stack: `python -m devstack` (= `make run`); helpers for the e2e tests and bench."""

@@ -1,0 +1,242 @@
+"""authz + Envoy sidecar in front of an upstream, as child processes on free loopback ports.
+
+Shared by ``python -m devstack`` (``make run``), the e2e fixtures (``tests/e2e/conftest.py``) and the bench:
+
+* :func:`write_authz_config` writes a standalone config (Go adapter format + ``tenant.catalog_file``);
+* :func:`start_authz` runs ``python -m authz serve --config FILE`` and waits for ``/readyz``;
+* :func:`start_stack` does both, then renders ``envoy/sidecar.yaml`` and starts Envoy, and waits until
+  Envoy's ``authz`` cluster is healthy by gRPC health checking.
+
+Imports the standard library, PyYAML and :mod:`devstack` only; never the ``authz`` package (the service
+runs as a subprocess, exactly as deployed).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from devstack.envoy import REPO_ROOT, render, start_envoy, stats, wait_cluster_healthy
+from devstack.procs import Proc, StartupError, free_port, wait_http_ok
+
+AUTHZ_READY_TIMEOUT = 30.0  # seconds; a cold start imports grpc, protobuf and the Envoy protos
+ENVOY_HEALTHY_TIMEOUT = 10.0
+DEFAULT_ORG = "demo"
+DEFAULT_ENV = "test"
+
+
+def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``overrides`` merged in; nested mappings merge, other values replace."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def write_authz_config(
+    path: Path,
+    *,
+    catalog_path: Path,
+    api_port: int,
+    metrics_port: int,
+    org: str = DEFAULT_ORG,
+    env: str = DEFAULT_ENV,
+    overrides: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an authz standalone config YAML to ``path`` and return it.
+
+    ``overrides`` is deep-merged into ``{"global": {...}, "tenant": {...}}``, e.g.
+    ``{"tenant": {"allow_unauthorized": True}}``.
+    """
+    config: dict[str, Any] = {
+        "global": {
+            "api_address": f"127.0.0.1:{api_port}",
+            "metrics_address": f"127.0.0.1:{metrics_port}",
+        },
+        "tenant": {"org_name": org, "env_name": env, "catalog_file": str(catalog_path.resolve())},
+    }
+    if overrides:
+        config = deep_merge(config, overrides)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def authz_argv(config_path: Path) -> list[str]:
+    return [sys.executable, "-m", "authz", "serve", "--config", str(config_path)]
+
+
+def start_authz(
+    config_path: Path,
+    metrics_port: int,
+    log_dir: Path,
+    *,
+    name: str = "authz",
+    ready_timeout: float = AUTHZ_READY_TIMEOUT,
+    cpu_list: str | None = None,
+) -> Proc:
+    """Start ``python -m authz serve --config config_path`` and wait for ``/readyz`` to answer 200.
+
+    ``cpu_list`` (e.g. ``"1"``) pins the process with ``taskset -c``.
+
+    Raises:
+        StartupError: "authz did not become ready: ..." with the log tail; the process is stopped.
+    """
+    argv = authz_argv(config_path)
+    if cpu_list is not None:
+        argv = ["taskset", "-c", cpu_list, *argv]
+    proc = Proc(name, argv, log_dir, env={"PYTHONUNBUFFERED": "1"}, cwd=REPO_ROOT)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{metrics_port}/readyz", ready_timeout, proc)
+    except StartupError as exc:
+        proc.stop()
+        raise StartupError(f"authz did not become ready: {exc}") from None
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+@dataclass
+class Stack:
+    """A running authz + Envoy pair. Ports are on 127.0.0.1."""
+
+    work_dir: Path
+    log_dir: Path
+    config_path: Path
+    catalog_path: Path
+    envoy_config_path: Path
+    listen_port: int
+    admin_port: int
+    api_port: int
+    metrics_port: int
+    upstream_port: int
+    authz_proc: Proc
+    envoy_proc: Proc
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        """Base URL of Envoy's listener (no trailing slash)."""
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Base URL of authz's HTTP side: append /metrics, /readyz, /livez, /healthz."""
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def envoy_stats(self) -> dict[str, int]:
+        """Envoy counters and gauges, e.g. ``http.ingress_http.ext_authz.denied``."""
+        return stats(self.admin_port)
+
+    def logs(self) -> str:
+        """Both processes' log tails, for assertion messages."""
+        return f"--- authz ---\n{self.authz_proc.log_tail()}\n--- envoy ---\n{self.envoy_proc.log_tail()}"
+
+    def restart_authz(self, ready_timeout: float = AUTHZ_READY_TIMEOUT) -> Proc:
+        """Stop authz (if running) and start it again on the same ports and config; wait until ready."""
+        self.authz_proc.stop()
+        self.authz_proc = start_authz(
+            self.config_path, self.metrics_port, self.log_dir, ready_timeout=ready_timeout
+        )
+        return self.authz_proc
+
+    def close(self) -> None:
+        """Stop Envoy, then authz, by PID (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self.envoy_proc.stop()
+        finally:
+            self.authz_proc.stop()
+
+
+def start_stack(
+    work_dir: Path,
+    catalog_path: Path,
+    upstream_port: int,
+    *,
+    api_name: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    envoy_vars: Mapping[str, object] | None = None,
+    listen_port: int | None = None,
+    api_port: int | None = None,
+    metrics_port: int | None = None,
+    admin_port: int | None = None,
+    authz_ready_timeout: float = AUTHZ_READY_TIMEOUT,
+) -> Stack:
+    """Start authz (config written to ``work_dir/config.yaml``) and an Envoy sidecar in front of it.
+
+    Args:
+        work_dir: config, rendered Envoy config and ``logs/`` go here.
+        catalog_path: the standalone catalog YAML (referenced by absolute path).
+        upstream_port: port of the HTTP/1.1 upstream on 127.0.0.1 (e.g. an EchoUpstream).
+        api_name: if set, every route sends the ext_authz context extension ``apigee_api=<api_name>``;
+            if None, authz takes the API from ``:authority``.
+        overrides: deep-merged into the authz config.
+        envoy_vars: extra or replacement ``envoy/sidecar.yaml`` variables (e.g. ``EXT_AUTHZ_TIMEOUT``).
+        listen_port, api_port, metrics_port, admin_port: fixed ports; free ones by default.
+
+    Raises:
+        StartupError: a process died or did not get ready; the message carries its log tail. Whatever
+            was started is stopped first.
+    """
+    log_dir = work_dir / "logs"
+    listen_port = listen_port or free_port()
+    api_port = api_port or free_port()
+    metrics_port = metrics_port or free_port()
+    admin_port = admin_port or free_port()
+    config_path = write_authz_config(
+        work_dir / "config.yaml",
+        catalog_path=catalog_path,
+        api_port=api_port,
+        metrics_port=metrics_port,
+        overrides=overrides,
+    )
+    variables: dict[str, object] = {
+        "LISTEN_PORT": listen_port,
+        "ADMIN_PORT": admin_port,
+        "AUTHZ_PORT": api_port,
+        "UPSTREAM_PORT": upstream_port,
+        **(envoy_vars or {}),
+    }
+    envoy_config = render("sidecar.yaml", work_dir, variables, api_name=api_name)
+    authz_proc = start_authz(config_path, metrics_port, log_dir, ready_timeout=authz_ready_timeout)
+    try:
+        envoy_proc = start_envoy(envoy_config, admin_port, log_dir)
+    except BaseException:
+        authz_proc.stop()
+        raise
+    stack = Stack(
+        work_dir=work_dir,
+        log_dir=log_dir,
+        config_path=config_path,
+        catalog_path=catalog_path,
+        envoy_config_path=envoy_config,
+        listen_port=listen_port,
+        admin_port=admin_port,
+        api_port=api_port,
+        metrics_port=metrics_port,
+        upstream_port=upstream_port,
+        authz_proc=authz_proc,
+        envoy_proc=envoy_proc,
+    )
+    try:
+        wait_cluster_healthy(admin_port, "authz", ENVOY_HEALTHY_TIMEOUT, envoy_proc)
+    except BaseException:
+        stack.close()
+        raise
+    return stack

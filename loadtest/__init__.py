@@ -1,0 +1,1 @@
+"""Load tests: `python -m loadtest.bench` (= `make bench`) and the no-op ext_authz server."""

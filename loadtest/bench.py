@@ -1,0 +1,403 @@
+"""``make bench``: what ext_authz in Python costs, measured through one real Envoy.
+
+Three cases, each through the same Envoy build (``--concurrency 1``) and the same wrk load (closed loop:
+1 thread, ``--connections`` connections, ``--warmup`` s discarded, then ``--duration`` s measured):
+
+  (a) ``envoy/direct.yaml``: Envoy answers 200 itself (direct_response), no ext_authz. The baseline.
+  (b) ``envoy/bench.yaml`` + ``loadtest.noop_authz``: ext_authz to a grpc.aio server that allows everything
+      without looking: the ceiling for any Python ext_authz on this machine.
+  (c) ``envoy/bench.yaml`` + ``python -m authz serve``: the real service, standalone, with a bench catalog
+      and a valid API key in ``x-api-key`` on every request (so every request takes the allow path).
+
+In (b) and (c) the route is a direct_response too, so no upstream server is measured; ext_authz runs
+before the router, and the bench checks Envoy's ``ext_authz.ok`` counter against the 2xx count.
+
+Pinning (default when there are >= 2 CPUs and ``taskset`` exists): Envoy and wrk share CPU 0, the Python
+server gets CPU 1. Every case then has the same budget for the Envoy+wrk side and the Python server has
+one core of its own, as a sidecar container with a 1-CPU limit would. ``--no-pin`` lets the kernel
+schedule. The CPU columns are the share of one core each process used during the measured run.
+
+A case fails (and the exit code is 1) if any response was not 2xx, wrk saw socket errors or timeouts,
+or ext_authz was not consulted for every request. p50/p99 are at saturation (closed loop), so compare
+them between cases, not with published latency figures (see Envoy's benchmarking FAQ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from devstack.envoy import envoy_binary, render, start_envoy, stats, wait_cluster_healthy
+from devstack.procs import Proc, StartupError, free_port, wait_port_open
+from devstack.stack import start_authz, write_authz_config
+
+HERE = Path(__file__).resolve().parent
+WRK_SCRIPT = HERE / "wrk_report.lua"
+BENCH_API = "bench-api"
+BENCH_PATH = "/v1/bench"
+# Public, bench-only credential; the bench catalog holds its SHA-256.
+BENCH_KEY = "bench-key-4c0f2a9e71d35b68"
+TARGET_C_OVER_B = 0.9
+READY_TIMEOUT = 30.0
+HEALTHY_TIMEOUT = 10.0
+WRK_EXTRA_TIMEOUT = 30.0  # seconds wrk may overrun its -d before we give up on it
+CASES = {
+    "a": "(a) Envoy direct_response",
+    "b": "(b) Envoy + ext_authz -> no-op",
+    "c": "(c) Envoy + ext_authz -> authz",
+}
+
+
+class CaseError(Exception):
+    """A case could not run or its results are not valid; the message says why."""
+
+
+@dataclass
+class Options:
+    duration: int
+    warmup: int
+    connections: int
+    ext_authz_timeout: str
+    pin: bool
+    log_dir: Path
+
+
+@dataclass
+class Result:
+    case: str
+    label: str
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    requests: int = 0
+    non_2xx: int = 0
+    envoy_cpu: float | None = None
+    server_cpu: float | None = None
+    error: str | None = None
+
+
+def bench_catalog() -> dict[str, object]:
+    """One product on BENCH_API covering BENCH_PATH, and one app holding BENCH_KEY."""
+    return {
+        "products": [
+            {
+                "name": "bench",
+                "environments": ["test"],
+                "operationGroup": {
+                    "operationConfigType": "remoteservice",
+                    "operationConfigs": [
+                        {
+                            "apiSource": BENCH_API,
+                            "operations": [{"resource": "/v1/**", "methods": ["GET"]}],
+                        }
+                    ],
+                },
+            }
+        ],
+        "developers": [
+            {
+                "email": "bench@example.com",
+                "apps": [
+                    {
+                        "name": "bench-app",
+                        "products": ["bench"],
+                        "credentials": [
+                            {
+                                "key_sha256": hashlib.sha256(BENCH_KEY.encode()).hexdigest(),
+                                "status": "approved",
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+
+
+# --- CPU accounting -------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the ")" that ends comm: fields[0] is state (field 3), so utime (14) and stime (15) are 11, 12.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- wrk ------------------------------------------------------------------------------------------
+
+
+def run_wrk(url: str, seconds: int, opts: Options, headers: Mapping[str, str]) -> dict[str, float]:
+    """Run wrk against ``url`` and return the WRK_REPORT numbers (latencies in µs)."""
+    argv = [
+        "wrk",
+        "--threads",
+        "1",
+        "--connections",
+        str(opts.connections),
+        "--duration",
+        f"{seconds}s",
+        "--timeout",
+        "2s",
+        "--script",
+        str(WRK_SCRIPT),
+    ]
+    for name, value in headers.items():
+        argv += ["--header", f"{name}: {value}"]
+    argv.append(url)
+    if opts.pin:
+        argv = ["taskset", "-c", "0", *argv]
+    try:
+        done = subprocess.run(  # noqa: S603 - fixed argv
+            argv, capture_output=True, text=True, timeout=seconds + WRK_EXTRA_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CaseError(f"wrk did not finish within {seconds + WRK_EXTRA_TIMEOUT:.0f}s") from exc
+    for line in done.stdout.splitlines():
+        if line.startswith("WRK_REPORT "):
+            report: dict[str, float] = json.loads(line.removeprefix("WRK_REPORT "))
+            return report
+    raise CaseError(f"wrk exited {done.returncode} without a report:\n{done.stdout}\n{done.stderr}")
+
+
+def measure(
+    case: str,
+    listen_port: int,
+    envoy: Proc,
+    admin_port: int,
+    opts: Options,
+    server: Proc | None = None,
+) -> Result:
+    """Warm up, then one measured wrk run; validate it against Envoy's counters."""
+    url = f"http://127.0.0.1:{listen_port}{BENCH_PATH}"
+    headers = {"x-api-key": BENCH_KEY}  # sent in every case, so request sizes are equal
+    if opts.warmup > 0:
+        run_wrk(url, opts.warmup, opts, headers)
+    before = stats(admin_port)
+    cpu_before = {p.pid: cpu_seconds(p.pid) for p in (envoy, server) if p is not None}
+    report = run_wrk(url, opts.duration, opts, headers)
+    cpu_used = {pid: cpu_seconds(pid) - used for pid, used in cpu_before.items()}
+    after = stats(admin_port)
+
+    def delta(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
+    wall = report["duration_us"] / 1e6
+    completed = delta("http.ingress_http.downstream_rq_completed")
+    ok_2xx = delta("http.ingress_http.downstream_rq_2xx")
+    result = Result(
+        case=case,
+        label=CASES[case],
+        rps=report["requests"] / wall,
+        p50_ms=report["p50_us"] / 1000,
+        p99_ms=report["p99_us"] / 1000,
+        requests=int(report["requests"]),
+        non_2xx=max(completed - ok_2xx, int(report["status_errors"])),
+        envoy_cpu=cpu_used[envoy.pid] / wall,
+        server_cpu=cpu_used[server.pid] / wall if server is not None else None,
+    )
+    problems = []
+    if result.non_2xx:
+        codes = {c: delta(f"http.ingress_http.downstream_rq_{c}") for c in ("1xx", "3xx", "4xx", "5xx")}
+        problems.append(
+            f"{result.non_2xx} non-2xx responses ({', '.join(f'{k}: {v}' for k, v in codes.items() if v)})"
+        )
+    socket_errors = {k: int(report[k]) for k in ("connect_errors", "read_errors", "write_errors", "timeouts")}
+    if any(socket_errors.values()):
+        problems.append(f"wrk socket errors {socket_errors}")
+    if case != "a":
+        authz_ok = delta("http.ingress_http.ext_authz.ok")
+        if authz_ok < ok_2xx:
+            problems.append(f"ext_authz.ok {authz_ok} < 2xx responses {ok_2xx}: ext_authz was skipped")
+    if problems:
+        result.error = "; ".join(problems)
+    return result
+
+
+# --- the three cases ------------------------------------------------------------------------------
+
+
+def case_direct(opts: Options, stack: contextlib.ExitStack) -> Result:
+    listen, admin = free_port(), free_port()
+    config = render(
+        "direct.yaml", opts.log_dir, out_name="a-direct.yaml", LISTEN_PORT=listen, ADMIN_PORT=admin
+    )
+    envoy = start_envoy(config, admin, opts.log_dir, name="a-envoy", cpu_list=cpu(opts, 0))
+    stack.callback(envoy.stop)
+    return measure("a", listen, envoy, admin, opts)
+
+
+def case_noop(opts: Options, stack: contextlib.ExitStack) -> Result:
+    api_port = free_port()
+    argv = [sys.executable, "-m", "loadtest.noop_authz", "--port", str(api_port)]
+    if opts.pin:
+        argv = ["taskset", "-c", "1", *argv]
+    server = Proc("b-noop", argv, opts.log_dir, cwd=HERE.parent)
+    stack.callback(server.stop)
+    wait_port_open(api_port, READY_TIMEOUT, server)
+    return through_ext_authz("b", api_port, server, opts, stack)
+
+
+def case_authz(opts: Options, stack: contextlib.ExitStack) -> Result:
+    api_port, metrics_port = free_port(), free_port()
+    catalog = opts.log_dir / "bench-catalog.yaml"
+    catalog.write_text(yaml.safe_dump(bench_catalog(), sort_keys=False))
+    config = write_authz_config(
+        opts.log_dir / "bench-authz.yaml", catalog_path=catalog, api_port=api_port, metrics_port=metrics_port
+    )
+    server = start_authz(config, metrics_port, opts.log_dir, name="c-authz", cpu_list=cpu(opts, 1))
+    stack.callback(server.stop)
+    return through_ext_authz("c", api_port, server, opts, stack)
+
+
+def through_ext_authz(
+    case: str, api_port: int, server: Proc, opts: Options, stack: contextlib.ExitStack
+) -> Result:
+    listen, admin = free_port(), free_port()
+    config = render(
+        "bench.yaml",
+        opts.log_dir,
+        api_name=BENCH_API,
+        out_name=f"{case}-bench.yaml",
+        LISTEN_PORT=listen,
+        ADMIN_PORT=admin,
+        AUTHZ_PORT=api_port,
+        EXT_AUTHZ_TIMEOUT=opts.ext_authz_timeout,
+    )
+    envoy = start_envoy(config, admin, opts.log_dir, name=f"{case}-envoy", cpu_list=cpu(opts, 0))
+    stack.callback(envoy.stop)
+    wait_cluster_healthy(admin, "authz", HEALTHY_TIMEOUT, envoy)
+    return measure(case, listen, envoy, admin, opts, server)
+
+
+def cpu(opts: Options, index: int) -> str | None:
+    return str(index) if opts.pin else None
+
+
+RUNNERS: dict[str, Callable[[Options, contextlib.ExitStack], Result]] = {
+    "a": case_direct,
+    "b": case_noop,
+    "c": case_authz,
+}
+
+
+def run_case(case: str, opts: Options) -> Result:
+    print(f"running {CASES[case]} ...", flush=True)
+    try:
+        with contextlib.ExitStack() as stack:
+            return RUNNERS[case](opts, stack)
+    except (StartupError, CaseError, OSError) as exc:
+        return Result(case=case, label=CASES[case], error=str(exc))
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def pct(share: float | None) -> str:
+    return "-" if share is None else f"{share * 100:.0f}%"
+
+
+def table(results: list[Result]) -> Iterator[str]:
+    yield (
+        f"{'case':34} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8} "
+        f"{'envoy cpu':>9} {'py cpu':>7}  status"
+    )
+    for r in results:
+        status = "ok" if r.error is None else "ERROR"
+        yield (
+            f"{r.label:34} {fmt(r.rps, '9.0f')} {fmt(r.p50_ms, '7.2f')} {fmt(r.p99_ms, '7.2f')} "
+            f"{r.non_2xx if r.rps is not None else '-':>8} "
+            f"{pct(r.envoy_cpu):>9} {pct(r.server_cpu):>7}  {status}"
+        )
+
+
+def ratio(results: dict[str, Result], num: str, den: str) -> float | None:
+    n, d = results.get(num), results.get(den)
+    if n is None or d is None or n.error or d.error or not n.rps or not d.rps:
+        return None
+    return n.rps / d.rps
+
+
+def report(results: list[Result], opts: Options) -> None:
+    print()
+    pinning = "pinned: Envoy+wrk CPU 0, Python server CPU 1" if opts.pin else "not pinned"
+    print(
+        f"Envoy {envoy_binary()} --concurrency 1 | wrk 1 thread, {opts.connections} connections, "
+        f"{opts.warmup}s warm-up + {opts.duration}s | Python {platform.python_version()} | "
+        f"{os.cpu_count()} CPUs, {pinning}"
+    )
+    print()
+    for line in table(results):
+        print(line)
+    by_case = {r.case: r for r in results}
+    b_a, c_b = ratio(by_case, "b", "a"), ratio(by_case, "c", "b")
+    print()
+    if b_a is not None:
+        print(f"b/a = {b_a:.2f}  (throughput left with a Python ext_authz that does nothing)")
+    if c_b is not None:
+        verdict = "meets" if c_b >= TARGET_C_OVER_B else "BELOW"
+        print(f"c/b = {c_b:.2f}  ({verdict} the target c/b >= {TARGET_C_OVER_B})")
+    for r in results:
+        if r.error:
+            print(f"\n{r.label} ERROR: {r.error}")
+    print(f"\nlogs and configs: {opts.log_dir}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench", description="Envoy direct vs + no-op Python ext_authz vs + authz"
+    )
+    parser.add_argument("--duration", type=int, default=10, help="measured seconds per case (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per case (default 2)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    parser.add_argument("--cases", default="abc", help="which cases to run, e.g. 'ab' (default abc)")
+    parser.add_argument("--ext-authz-timeout", default="0.5s", help="Envoy ext_authz timeout (default 0.5s)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin with taskset")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    unknown = set(args.cases) - set(CASES)
+    if unknown or not args.cases:
+        parser.error(f"--cases takes letters from 'abc', got {args.cases!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install -y wrk; `make bench` does it)", file=sys.stderr)
+        return 2
+    pin = args.pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    opts = Options(
+        duration=args.duration,
+        warmup=args.warmup,
+        connections=args.connections,
+        ext_authz_timeout=args.ext_authz_timeout,
+        pin=pin,
+        log_dir=Path(tempfile.mkdtemp(prefix="authz-bench-")),
+    )
+    results = [run_case(case, opts) for case in CASES if case in args.cases]
+    report(results, opts)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
