@@ -15,14 +15,13 @@ import signal
 import ssl
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from authz.clock import Clock, SystemClock
 from authz.config import Config
 from authz.decision.model import Catalog, Policy
 from authz.metrics import Metrics, new_metrics
-from authz.server.authorization import AuthorizationServicer
+from authz.server.authorization import AuthorizationServicer, add_to_server
 from authz.server.health import Health
 from authz.server.http import HttpEndpoints
 from authz.standalone.watcher import LocalCatalog
@@ -93,7 +92,7 @@ class Service:
         await asyncio.to_thread(self.catalog.load)
         credentials, http_tls = _server_tls(self.config)
         server = grpc.aio.server(options=_grpc_options(self.config))
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.authorization, server)
+        add_to_server(self.authorization, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         target = self.config.global_.api_address.grpc_target()
         if credentials is None:

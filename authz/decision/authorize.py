@@ -176,4 +176,5 @@ def decide(attrs: RequestAttrs, catalog: Catalog | None, policy: Policy, now: fl
         headers_to_set=headers_to_set,
         headers_to_remove=_strip(attrs, policy, frozenset(k for k, _ in headers_to_set)),
         query_params_to_remove=_remove_query(attrs, policy),
+        valid_until=credential.expires_at,
     )

@@ -172,6 +172,7 @@ class Decision:
     headers_to_remove: tuple[str, ...] = ()
     query_params_to_remove: tuple[str, ...] = ()
     fail_open: bool = False
+    valid_until: float | None = None  # epoch seconds after which the same request may decide otherwise
 
     @property
     def allowed(self) -> bool:

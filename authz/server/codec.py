@@ -15,7 +15,9 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2
 
-from authz.decision.model import Decision, DenyReason, RequestAttrs
+from authz.decision.authorize import FAILURE_MODE_HEADER
+from authz.decision.dynamic_metadata import PREFIX
+from authz.decision.model import Decision, DenyReason, Policy, RequestAttrs
 
 UNAUTHENTICATED: Final = (code_pb2.UNAUTHENTICATED, 401)
 FORBIDDEN: Final = (code_pb2.PERMISSION_DENIED, 403)
@@ -39,6 +41,7 @@ DENY_STATUS: Final[dict[DenyReason, tuple[int, int, str]]] = {
     DenyReason.INTERNAL_ERROR: (*UNAVAILABLE, "The request could not be authorized; try again."),
 }
 
+REMOVED_PREFIXES = (PREFIX, FAILURE_MODE_HEADER)
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
@@ -60,6 +63,30 @@ def request_attrs(request: Any) -> RequestAttrs:
         query=query,
         headers=headers,
         context_extensions=dict(attributes.context_extensions),
+    )
+
+
+def decision_key(request: Any, policy: Policy) -> tuple[str | None, ...] | None:
+    """Everything ``decide`` reads from a request, as a hashable key for the allow cache.
+
+    None when the request cannot be keyed cheaply (raw header map). The names of client-sent headers that
+    an allow removes are part of the key, since they change the response.
+    """
+    attributes = request.attributes
+    http = attributes.request.http
+    headers = http.headers
+    if not headers:
+        return None
+    extensions = attributes.context_extensions
+    removed = [name for name in headers if name.startswith(REMOVED_PREFIXES)]
+    return (
+        http.method,
+        http.path,
+        headers.get(policy.api_key_header),
+        headers.get(policy.api_header),
+        extensions.get("apigee_api"),
+        extensions.get("apigee_environment"),
+        *removed,
     )
 
 
@@ -89,11 +116,23 @@ def _denied(reason: DenyReason) -> Any:
 
 
 _DENIED: Final = {reason: _denied(reason) for reason in DenyReason}
+_DENIED_WIRE: Final[dict[DenyReason, bytes]] = {
+    reason: response.SerializeToString() for reason, response in _DENIED.items()
+}
 
 
-def denied_response(reason: DenyReason) -> Any:
-    """The prebuilt deny for a reason (shared, never mutate it)."""
-    return _DENIED[reason]
+def denied_response(reason: DenyReason) -> bytes:
+    """The prebuilt deny for a reason, in wire format."""
+    return _DENIED_WIRE[reason]
+
+
+def encode(decision: Decision) -> bytes:
+    """The CheckResponse for a decision in wire format (the servicer returns bytes; grpc sends them as is)."""
+    if not decision.allowed:
+        assert decision.reason is not None  # allowed is False only with a reason
+        return _DENIED_WIRE[decision.reason]
+    data: bytes = check_response(decision).SerializeToString()
+    return data
 
 
 def check_response(decision: Decision) -> Any:

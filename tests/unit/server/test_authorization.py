@@ -1,5 +1,6 @@
 """The Check boundary: no exception leaves it, every failure is an explicit deny."""
 
+import datetime as dt
 import json
 import logging
 
@@ -21,6 +22,7 @@ class ExplodingMapping(dict):
 
 def request(key=KEY):
     req = pb.CheckRequest()
+    req.attributes.request.http.method = "GET"
     req.attributes.request.http.path = "/x?x-api-key=" + key
     req.attributes.request.http.headers.update({":authority": "api", "x-api-key": key})
     return req
@@ -32,13 +34,15 @@ def servicer(catalog_source, metrics=None):
     )
 
 
-def reason(response):
+def reason(wire):
+    response = pb.CheckResponse.FromString(wire)
+    assert response.status.code != 0
     return response.denied_response.status.code, json.loads(response.denied_response.body)["reason"]
 
 
 async def test_not_ready_is_an_explicit_503():
     response = await servicer(lambda: None).Check(request(), None)
-    assert response.status.code == 14
+    assert pb.CheckResponse.FromString(response).status.code == 14
     assert reason(response) == (503, "not_ready")
 
 
@@ -49,7 +53,6 @@ async def test_catalog_source_raising_is_an_explicit_503_and_counted(caplog):
     metrics = new_metrics()
     with caplog.at_level(logging.INFO, logger="authz"):
         response = await servicer(broken, metrics).Check(request(), None)
-    assert response.status.code != 0
     assert reason(response) == (503, "internal_error")
     assert metrics.registry.get_sample_value("auth_check_errors_total", {"org": "org"}) == 1.0
     assert KEY not in caplog.text
@@ -74,3 +77,70 @@ async def test_deny_log_line_is_reduced_and_never_has_the_key(caplog):
     assert "denied: unknown_key" in caplog.text
     assert "path=/x " in caplog.text
     assert KEY not in caplog.text
+
+
+# --- the allow cache -----------------------------------------------------------------------------------
+
+
+def _catalog(expires_at=None, methods="[GET]"):
+    from authz.standalone.catalog_file import parse_catalog
+
+    expiry = f", expires_at: {expires_at}" if expires_at else ""
+    return parse_catalog(
+        f"""
+products: [{{name: p, environments: [test], operationGroup: {{operationConfigs: [
+  {{apiSource: api, operations: [{{resource: "/x", methods: {methods}}}]}}]}}}}]
+developers: [{{email: d@x, apps: [{{name: a, products: [p], credentials: [
+  {{key_sha256: "{key_digest(KEY)}"{expiry}}}]}}]}}]
+""",
+        "c.yaml",
+    )
+
+
+def _allowed(wire):
+    response = pb.CheckResponse.FromString(wire)
+    return response.status.code == 0 and not response.HasField("denied_response")
+
+
+async def test_cached_allow_respects_catalog_swaps():
+    current = {"catalog": _catalog()}
+    svc = servicer(lambda: current["catalog"])
+    first = await svc.Check(request(), None)
+    assert _allowed(first)
+    assert await svc.Check(request(), None) == first
+    current["catalog"] = _catalog(methods="[POST]")  # a reload: the cached allow must not survive it
+    assert reason(await svc.Check(request(), None)) == (403, "not_authorized")
+
+
+async def test_cached_allow_respects_key_expiry():
+    from tests.support.clock import FakeClock
+
+    expiry = dt.datetime(2027, 1, 15, 8, 0, 10, tzinfo=dt.UTC).timestamp()
+    clock = FakeClock(now=expiry - 5)
+    catalog = _catalog(expires_at="2027-01-15T08:00:10Z")
+    svc = AuthorizationServicer(lambda: catalog, Policy("org", "test"), new_metrics(), clock)
+    assert _allowed(await svc.Check(request(), None))
+    clock.advance(5)
+    assert reason(await svc.Check(request(), None)) == (401, "expired_key")
+
+
+async def test_cache_key_includes_headers_the_allow_removes():
+    svc = servicer(lambda: _catalog())
+    plain = pb.CheckResponse.FromString(await svc.Check(request(), None))
+    spoofing = request()
+    spoofing.attributes.request.http.headers["x-apigee-clientid"] = "spoof"
+    spoofed = pb.CheckResponse.FromString(await svc.Check(spoofing, None))
+    assert "x-apigee-clientid" not in plain.ok_response.headers_to_remove
+    assert "x-apigee-clientid" in spoofed.ok_response.headers_to_remove
+
+
+async def test_cache_is_bounded(monkeypatch):
+    from authz.server import authorization
+
+    monkeypatch.setattr(authorization, "ALLOW_CACHE_SIZE", 3)
+    svc = servicer(lambda: _catalog())
+    for i in range(10):
+        req = request()
+        req.attributes.request.http.path = f"/x?n={i}&x-api-key={KEY}"
+        assert _allowed(await svc.Check(req, None))
+        assert len(svc._allows) <= 3
