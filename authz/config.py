@@ -12,26 +12,22 @@ Keys this service adds to the Go schema: ``global.graceful_shutdown_timeout``, `
 and ``tenant.catalog_poll_interval``. Relative file paths (the catalog and TLS files) are resolved
 against the config file's directory and stored absolute.
 
-Imports only the standard library, ``yaml`` and ``authz.errors``.
+The YAML documents themselves (Kubernetes stream, Secrets) are read by ``authz.config_documents``.
+Imports only the standard library, ``yaml``, ``authz.config_documents`` and ``authz.errors``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import difflib
 import ipaddress
-import json
 import logging
 import os
 import re
-from collections.abc import Hashable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import yaml
-
+from authz.config_documents import PolicySecret, kind_name, split_documents
 from authz.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -152,15 +148,6 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
-class PolicySecret:
-    """The provisioned signing key: ``kid`` from remote-service.properties, PEM key, JWKS JSON."""
-
-    kid: str
-    private_key_pem: str = field(repr=False)
-    jwks: str = field(repr=False)
-
-
-@dataclass(frozen=True)
 class Config:
     path: str
     global_: GlobalConfig
@@ -186,7 +173,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(file, "", f"cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(file, "", "cannot read: not UTF-8 text") from exc
-    raw, policy, analytics_json = _split_documents(file, text)
+    raw, policy, analytics_json = split_documents(file, text)
     top = _Section(file, "", raw, SECTIONS, os.path.dirname(os.path.abspath(file)))
     config = Config(
         path=os.path.abspath(file),
@@ -223,7 +210,9 @@ _MAX_NS = 2**63 - 1  # Go's time.Duration range (about 292 years)
 def parse_duration(value: object, file: str, key: str) -> float:
     """Parse a Go duration string (``"30s"``, ``"1m30s"``, ``"1.5h"``, ``"500ms"``) into seconds."""
     if not isinstance(value, str):
-        raise ConfigError(file, key, f'expected a duration string such as "30s" or "2m", got {_kind(value)}')
+        raise ConfigError(
+            file, key, f'expected a duration string such as "30s" or "2m", got {kind_name(value)}'
+        )
     if not value:
         raise ConfigError(file, key, 'expected a duration such as "30s" or "2m", got an empty string')
     if re.fullmatch(r"[+-]?[0-9]*\.?[0-9]*", value):
@@ -259,7 +248,7 @@ def format_duration(seconds: float) -> str:
 def parse_address(value: object, file: str, key: str) -> Address:
     """Parse ``":5000"``, ``"127.0.0.1:0"`` (port 0 picks a free port) or ``"[::1]:5000"``."""
     if not isinstance(value, str):
-        raise ConfigError(file, key, f"expected a string, got {_kind(value)}")
+        raise ConfigError(file, key, f"expected a string, got {kind_name(value)}")
     host, sep, port = value.rpartition(":")
     if not sep:
         raise ConfigError(file, key, f'expected "host:port" or ":port", got "{value}"')
@@ -278,13 +267,6 @@ def parse_address(value: object, file: str, key: str) -> Address:
     return Address(host, int(port))
 
 
-_KINDS = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "mapping", list: "list"}
-
-
-def _kind(value: object) -> str:
-    return "null" if value is None else _KINDS.get(type(value), type(value).__name__)
-
-
 class _Section:
     """One YAML mapping: typed getters with defaults, and an error for any key it does not know."""
 
@@ -292,7 +274,7 @@ class _Section:
         if raw is None:  # "tls:" with every entry commented out
             raw = {}
         if not isinstance(raw, dict):
-            raise ConfigError(file, path, f"expected a mapping, got {_kind(raw)}")
+            raise ConfigError(file, path, f"expected a mapping, got {kind_name(raw)}")
         self.file, self.path, self.base_dir, self._raw = file, path, base_dir, raw
         for name in map(str, raw):
             if name not in known:
@@ -313,7 +295,7 @@ class _Section:
     def text(self, name: str, default: str = "", *, required: bool = False) -> str:
         value = self._raw.get(name, default)
         if not isinstance(value, str):
-            raise self.error(name, f"expected a string, got {_kind(value)}")
+            raise self.error(name, f"expected a string, got {kind_name(value)}")
         if required and not value:
             raise self.error(name, "must not be empty")
         return value
@@ -321,13 +303,13 @@ class _Section:
     def flag(self, name: str) -> bool:
         value = self._raw.get(name, False)
         if not isinstance(value, bool):
-            raise self.error(name, f"expected a boolean, got {_kind(value)}")
+            raise self.error(name, f"expected a boolean, got {kind_name(value)}")
         return value
 
     def integer(self, name: str, default: int, minimum: int) -> int:
         value = self._raw.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(name, f"expected an integer, got {_kind(value)}")
+            raise self.error(name, f"expected an integer, got {kind_name(value)}")
         if value < minimum:
             raise self.error(name, f"must be at least {minimum}, got {value}")
         return value
@@ -439,112 +421,6 @@ def _auth(s: _Section) -> AuthConfig:
         jwt_provider_key=s.text("jwt_provider_key"),
         append_metadata_headers=s.flag("append_metadata_headers"),
     )
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that rejects duplicate keys, as Go's yaml.v3 does (PyYAML keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key '{key_node.value}'", key_node.start_mark
-                    )
-                seen.add(key_node.value)
-        return super().construct_mapping(node, deep)
-
-
-def _parse_yaml(file: str, key: str, text: str) -> list[object]:
-    try:
-        return list(yaml.load_all(text, Loader=_StrictLoader))  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(file, key, f"invalid YAML{where}: {exc.problem or exc.context}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(file, key, f"invalid YAML: {exc}") from exc
-
-
-_POLICY_ENTRIES = ("remote-service.crt", "remote-service.key", "remote-service.properties")
-
-
-def _split_documents(file: str, text: str) -> tuple[object, PolicySecret | None, str | None]:
-    """Return (config mapping, policy secret, analytics JSON) from a plain or Kubernetes stream."""
-    docs = [d for d in _parse_yaml(file, "", text) if d is not None]
-    if not docs:
-        raise ConfigError(file, "", "empty config file")
-    k8s = [d for d in docs if isinstance(d, dict) and "kind" in d and "apiVersion" in d]
-    if not k8s:
-        if len(docs) > 1:
-            raise ConfigError(file, "", f"{len(docs)} YAML documents but no Kubernetes ConfigMap")
-        return docs[0], None, None
-    configs: list[tuple[str, object]] = []
-    policy: PolicySecret | None = None
-    analytics: str | None = None
-    for doc in k8s:
-        metadata = doc.get("metadata")
-        name = str(metadata.get("name", "")) if isinstance(metadata, dict) else ""
-        where, data = f"{doc['kind']}/{name}", doc.get("data") or {}
-        if doc["kind"] not in ("ConfigMap", "Secret"):
-            continue
-        if not isinstance(data, dict):
-            raise ConfigError(file, f"{where} data", f"expected a mapping, got {_kind(data)}")
-        if doc["kind"] == "ConfigMap" and "config.yaml" in data:
-            configs.append((f"{where} data.config.yaml", data["config.yaml"]))
-        elif doc["kind"] == "Secret" and "policy" in name:
-            policy = _policy_secret(file, where, data)
-        elif doc["kind"] == "Secret" and "analytics" in name:
-            analytics = _secret_text(file, where, data, "client_secret.json")
-            _json_object(file, f"{where} data.client_secret.json", analytics)
-    if len(configs) != 1:
-        raise ConfigError(file, "", f"expected one ConfigMap with data.config.yaml, found {len(configs)}")
-    key, inner = configs[0]
-    if not isinstance(inner, str):
-        raise ConfigError(file, key, f"expected a string, got {_kind(inner)}")
-    inner_docs = [d for d in _parse_yaml(file, key, inner) if d is not None]
-    if len(inner_docs) != 1:
-        raise ConfigError(file, key, f"expected one YAML document, found {len(inner_docs)}")
-    return inner_docs[0], policy, analytics
-
-
-def _secret_text(file: str, where: str, data: dict[Any, Any], entry: str) -> str:
-    key, value = f"{where} data.{entry}", data.get(entry)
-    if not isinstance(value, str):
-        raise ConfigError(file, key, f"expected a base64 string, got {_kind(value)}")
-    try:
-        return base64.b64decode("".join(value.split()), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        raise ConfigError(file, key, "not valid base64-encoded UTF-8 text") from None
-
-
-def _policy_secret(file: str, where: str, data: dict[Any, Any]) -> PolicySecret | None:
-    missing = [e for e in _POLICY_ENTRIES if e not in data]
-    if len(missing) == len(_POLICY_ENTRIES):
-        return None
-    if missing:
-        needed = ", ".join(_POLICY_ENTRIES)
-        raise ConfigError(file, f"{where} data", f"needs all of {needed}; missing {', '.join(missing)}")
-    jwks, pem, properties = (_secret_text(file, where, data, e) for e in _POLICY_ENTRIES)
-    kid = re.search(r"^[ \t]*kid[ \t]*[=:][ \t]*(\S+)", properties, re.MULTILINE)  # Java properties
-    if kid is None:
-        raise ConfigError(file, f"{where} data.remote-service.properties", "no kid= entry")
-    if "-----BEGIN" not in pem or "PRIVATE KEY-----" not in pem:
-        raise ConfigError(file, f"{where} data.remote-service.key", "not a PEM private key")
-    if not isinstance(_json_object(file, f"{where} data.remote-service.crt", jwks).get("keys"), list):
-        raise ConfigError(file, f"{where} data.remote-service.crt", 'not a JWKS (no "keys" list)')
-    return PolicySecret(kid=kid[1], private_key_pem=pem, jwks=jwks)
-
-
-def _json_object(file: str, key: str, text: str) -> dict[str, object]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise ConfigError(file, key, "not a JSON object")
-    return value
 
 
 def effective_config(config: Config) -> dict[str, object]:
