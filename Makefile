@@ -32,7 +32,8 @@ test: $(STAMP) ## lint, typecheck and the whole test suite (unit, integration, E
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
-	$(PY) -m pytest
+	$(PY) -m pytest --cov --cov-report=term
+	$(PY) -m coverage report --include='authz/decision/*' --fail-under=100 --skip-covered  # the pure core: every branch
 
 bench: $(STAMP) ## Envoy direct vs Envoy + no-op Python servicer vs Envoy + authz (needs wrk; installs it with apt-get)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)

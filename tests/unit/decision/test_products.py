@@ -186,3 +186,11 @@ def test_empty_api_resources_match_nothing():
     catalog = _catalog({"name": "p", "environments": ["e"], "attributes": [
         {"name": "apigee-remote-service-targets", "value": "api"}]})  # fmt: skip
     assert authorized_operations(catalog, ["p"], "e", "api", "/", "GET") == ()
+
+
+def test_operation_config_without_operations_grants_nothing():
+    product = parse_product(
+        {"name": "p", "environments": ["e"], "operationGroup": {"operationConfigs": [{"apiSource": "api"}]}}
+    )
+    assert product.operation_configs[0].operations == ()
+    assert authorized_operations(Catalog({"p": product}, {}), ["p"], "e", "api", "/", "GET") == ()
