@@ -15,10 +15,22 @@ SECRET_HEADERS = frozenset({"x-api-key", "authorization", "cookie", "set-cookie"
 MASK = "***"
 
 
+def _mask(name: str, value: str, secret: frozenset[str]) -> str:
+    lowered = name.lower()
+    if lowered in secret or "token" in lowered or "secret" in lowered:
+        return MASK
+    if lowered == ":path" and "?" in value:  # the query string may carry the API key
+        return value.split("?", 1)[0] + "?" + MASK
+    return value
+
+
 def redact(headers: Mapping[str, str], extra: frozenset[str] = frozenset()) -> dict[str, str]:
-    """A copy of ``headers`` with credential-bearing values masked."""
+    """A copy of ``headers`` with credential-bearing values (and the query string of ``:path``) masked.
+
+    ``extra`` adds header names to mask, such as a custom ``auth.api_key_header``.
+    """
     secret = SECRET_HEADERS | extra
-    return {k: (MASK if k.lower() in secret or "token" in k.lower() else v) for k, v in headers.items()}
+    return {name: _mask(name, value, secret) for name, value in headers.items()}
 
 
 class JsonFormatter(logging.Formatter):

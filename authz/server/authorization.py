@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
+from authz import logs
 from authz.clock import Clock
 from authz.decision.authorize import decide
 from authz.decision.model import Catalog, Decision, DenyReason, Policy
@@ -102,6 +103,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 attrs.path[:200] if attrs else "-",
                 attrs.headers.get("x-request-id", "-") if attrs else "-",
             )
+        if attrs is not None and log.isEnabledFor(logging.DEBUG):
+            secret = frozenset({self._policy.api_key_header})
+            log.debug("denied request headers: %s", logs.redact(attrs.headers, secret))
 
 
 def add_to_server(servicer: AuthorizationServicer, server: grpc.aio.Server) -> None:

@@ -144,3 +144,10 @@ async def test_cache_is_bounded(monkeypatch):
         req.attributes.request.http.path = f"/x?n={i}&x-api-key={KEY}"
         assert _allowed(await svc.Check(req, None))
         assert len(svc._allows) <= 3
+
+
+async def test_debug_log_has_redacted_headers_only(caplog):
+    with caplog.at_level(logging.DEBUG, logger="authz"):
+        await servicer(lambda: Catalog({}, {})).Check(request(), None)
+    assert "denied request headers" in caplog.text
+    assert KEY not in caplog.text
