@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2_grpc
 from authz.clock import Clock, SystemClock
 from authz.config import Config
 from authz.decision.model import Catalog, Policy
+from authz.errors import ListenError
 from authz.metrics import Metrics, new_metrics
 from authz.server.authorization import AuthorizationServicer, add_to_server
 from authz.server.health import Health
@@ -95,16 +96,24 @@ class Service:
         add_to_server(self.authorization, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         target = self.config.global_.api_address.grpc_target()
-        if credentials is None:
-            self.grpc_port = server.add_insecure_port(target)
-        else:
-            self.grpc_port = server.add_secure_port(target, credentials)
+        try:
+            if credentials is None:
+                self.grpc_port = server.add_insecure_port(target)
+            else:
+                self.grpc_port = server.add_secure_port(target, credentials)
+        except RuntimeError as exc:  # grpc reports a bind failure this way
+            raise ListenError(f"cannot listen on {target} (global.api_address): {exc}") from None
         await server.start()
         self._server = server
         address = self.config.global_.metrics_address
-        self._http = await HttpEndpoints(self.health, self.metrics).start(
-            address.http_host(), address.port, http_tls
-        )
+        endpoints = HttpEndpoints(self.health, self.metrics)
+        try:
+            self._http = await endpoints.start(address.http_host(), address.port, http_tls)
+        except OSError as exc:
+            await server.stop(0)
+            raise ListenError(
+                f"cannot listen on {address} (global.metrics_address): {exc.strerror}"
+            ) from None
         self.http_port = self._http.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self.catalog.run(), name="catalog-watcher"))
         await self.health.refresh()

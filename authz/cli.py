@@ -1,7 +1,7 @@
 """Command line: ``authz serve``, ``authz check-config`` and ``authz keys new|hash``.
 
 Every flag can also come from an ``AUTHZ_*`` environment variable (read here, once, and nowhere else).
-Exit codes: 0 success, 2 bad config or catalog.
+Exit codes: 0 success, 1 a port cannot be opened, 2 bad config or catalog.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import yaml
 from authz import __version__, logs
 from authz.config import effective_config, load_config
 from authz.decision.authorize import key_digest
-from authz.errors import ConfigError
+from authz.errors import ConfigError, ListenError
 from authz.standalone.catalog_file import load_catalog
 
 KEY_ALPHABET = string.ascii_letters + string.digits
@@ -84,3 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"authz: {exc}", file=sys.stderr)
         return 2
+    except ListenError as exc:
+        print(f"authz: {exc}", file=sys.stderr)
+        return 1

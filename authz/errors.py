@@ -3,6 +3,7 @@
     AuthzError
     ├── ConfigError            bad config or catalog file: names the file, the key and the problem
     ├── CatalogError           a local catalog that cannot be loaded (a ConfigError subclass)
+    ├── ListenError            a port that cannot be opened at start-up
     └── CheckError             anything that stops Check from deciding; mapped to an explicit 503 deny
 
 The codes are reused as the ``reason`` label of metrics and in deny bodies, so they never change.
@@ -37,6 +38,12 @@ class CatalogError(ConfigError):
     """A local catalog file that cannot be loaded; the last good catalog stays in use."""
 
     code = "catalog_error"
+
+
+class ListenError(AuthzError):
+    """A listener that cannot be opened (port in use, no permission); start-up fails with exit code 1."""
+
+    code = "listen_error"
 
 
 class CheckError(AuthzError):

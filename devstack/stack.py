@@ -164,6 +164,9 @@ class Stack:
             self.authz_proc.stop()
 
 
+BIND_RACE_ATTEMPTS = 3  # free_port() can race with other sockets picking the same ephemeral port
+
+
 def start_stack(
     work_dir: Path,
     catalog_path: Path,
@@ -194,6 +197,35 @@ def start_stack(
         StartupError: a process died or did not get ready; the message carries its log tail. Whatever
             was started is stopped first.
     """
+    fixed = any(p is not None for p in (listen_port, api_port, metrics_port, admin_port))
+    for attempt in range(1, BIND_RACE_ATTEMPTS + 1):
+        try:
+            return _start_stack_once(
+                work_dir, catalog_path, upstream_port, api_name=api_name, overrides=overrides,
+                envoy_vars=envoy_vars, listen_port=listen_port, api_port=api_port,
+                metrics_port=metrics_port, admin_port=admin_port, authz_ready_timeout=authz_ready_timeout,
+            )  # fmt: skip
+        except StartupError as exc:
+            lost_race = "already in use" in str(exc).lower() or "cannot listen" in str(exc).lower()
+            if fixed or not lost_race or attempt == BIND_RACE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_stack_once(
+    work_dir: Path,
+    catalog_path: Path,
+    upstream_port: int,
+    *,
+    api_name: str | None,
+    overrides: Mapping[str, Any] | None,
+    envoy_vars: Mapping[str, object] | None,
+    listen_port: int | None,
+    api_port: int | None,
+    metrics_port: int | None,
+    admin_port: int | None,
+    authz_ready_timeout: float,
+) -> Stack:
     log_dir = work_dir / "logs"
     listen_port = listen_port or free_port()
     api_port = api_port or free_port()

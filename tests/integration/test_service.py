@@ -117,3 +117,18 @@ async def test_drain_reports_not_serving(service, channel):
     reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert not service.health.ready
+
+
+async def test_port_in_use_fails_start_with_a_clear_error(service, tmp_path):
+    from authz.errors import ListenError
+
+    catalog = tmp_path / "catalog.yaml"
+    config = tmp_path / "busy.yaml"
+    config.write_text(
+        config_yaml(str(catalog)).replace(
+            'metrics_address: "127.0.0.1:0"', f'metrics_address: "127.0.0.1:{service.http_port}"'
+        )
+    )
+    second = Service(load_config(config))
+    with pytest.raises(ListenError, match=r"cannot listen on 127.0.0.1:\d+ \(global.metrics_address\)"):
+        await second.start()
