@@ -42,6 +42,8 @@ DENY_STATUS: Final[dict[DenyReason, tuple[int, int, str]]] = {
 }
 
 REMOVED_PREFIXES = (PREFIX, FAILURE_MODE_HEADER)
+MAX_KEYED_PATH = 1024
+MAX_KEYED_REMOVED = 8
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
@@ -69,7 +71,8 @@ def request_attrs(request: Any) -> RequestAttrs:
 def decision_key(request: Any, policy: Policy) -> tuple[str | None, ...] | None:
     """Everything ``decide`` reads from a request, as a hashable key for the allow cache.
 
-    None when the request cannot be keyed cheaply (raw header map). The names of client-sent headers that
+    None when the request cannot be keyed cheaply (raw header map) or would make a large key (long path,
+    many spoofed headers), which keeps the cache's memory bounded. The names of client-sent headers that
     an allow removes are part of the key, since they change the response.
     """
     attributes = request.attributes
@@ -77,11 +80,16 @@ def decision_key(request: Any, policy: Policy) -> tuple[str | None, ...] | None:
     headers = http.headers
     if not headers:
         return None
+    path = http.path
+    if len(path) > MAX_KEYED_PATH:
+        return None
     extensions = attributes.context_extensions
     removed = [name for name in headers if name.startswith(REMOVED_PREFIXES)]
+    if len(removed) > MAX_KEYED_REMOVED:
+        return None
     return (
         http.method,
-        http.path,
+        path,
         headers.get(policy.api_key_header),
         headers.get(policy.api_header),
         extensions.get("apigee_api"),

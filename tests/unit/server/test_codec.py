@@ -83,3 +83,14 @@ def test_fail_open_is_an_allow():
     response = codec.check_response(decision)
     assert response.status.code == 0
     assert not response.HasField("denied_response")
+
+
+def test_decision_key_bounds_its_size():
+    from authz.decision.model import Policy
+
+    policy = Policy("org", "test")
+    assert codec.decision_key(check_request(), policy) is not None
+    assert codec.decision_key(check_request(path="/" + "a" * 2000), policy) is None
+    spoofed = {f"x-apigee-h{i}": "v" for i in range(9)}
+    assert codec.decision_key(check_request(headers=spoofed), policy) is None
+    assert codec.decision_key(pb.CheckRequest(), policy) is None  # no header map to key on
