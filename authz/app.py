@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from authz.clock import Clock, SystemClock
 from authz.config import Config
-from authz.decision.model import Catalog, Policy
+from authz.decision.model import Policy
 from authz.errors import ListenError
 from authz.metrics import Metrics, new_metrics
 from authz.server.authorization import AuthorizationServicer, add_to_server
@@ -84,9 +84,6 @@ class Service:
         self._server: grpc.aio.Server | None = None
         self._http: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
-
-    def current_catalog(self) -> Catalog | None:
-        return self.catalog.current()
 
     async def start(self) -> None:
         """Load the catalog (a bad one fails start-up with CatalogError), then open both ports."""

@@ -3,8 +3,10 @@
     AuthzError
     ├── ConfigError            bad config or catalog file: names the file, the key and the problem
     ├── CatalogError           a local catalog that cannot be loaded (a ConfigError subclass)
-    ├── ListenError            a port that cannot be opened at start-up
-    └── CheckError             anything that stops Check from deciding; mapped to an explicit 503 deny
+    └── ListenError            a port that cannot be opened at start-up
+
+Check never raises to grpc: its one error boundary (server/authorization.py) turns any exception into an
+explicit 503 deny with reason ``internal_error``.
 
 The codes are reused as the ``reason`` label of metrics and in deny bodies, so they never change.
 This module imports nothing from the project.
@@ -44,9 +46,3 @@ class ListenError(AuthzError):
     """A listener that cannot be opened (port in use, no permission); start-up fails with exit code 1."""
 
     code = "listen_error"
-
-
-class CheckError(AuthzError):
-    """Check could not reach a decision; answered with an explicit 503 deny."""
-
-    code = "internal_error"
