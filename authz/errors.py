@@ -3,7 +3,10 @@
     AuthzError
     ├── ConfigError            bad config or catalog file: names the file, the key and the problem
     ├── CatalogError           a local catalog that cannot be loaded (a ConfigError subclass)
-    └── ListenError            a port that cannot be opened at start-up
+    ├── ListenError            a port that cannot be opened at start-up
+    └── ApigeeError            a call to Apigee's remote-service API that did not give a usable answer
+        ├── ApigeeUnavailable  transport error, timeout, 5xx, 429 or a malformed body: retry later
+        └── ApigeeRejected     any other 4xx: Apigee refused the request (bad credentials, bad input)
 
 Check never raises to grpc: its one error boundary (server/authorization.py) turns any exception into an
 explicit 503 deny with reason ``internal_error``.
@@ -46,3 +49,25 @@ class ListenError(AuthzError):
     """A listener that cannot be opened (port in use, no permission); start-up fails with exit code 1."""
 
     code = "listen_error"
+
+
+class ApigeeError(AuthzError):
+    """Apigee did not give a usable answer."""
+
+    code = "apigee_error"
+
+
+class ApigeeUnavailable(ApigeeError):
+    """Retryable: the call failed in transport, timed out, or Apigee answered 5xx, 429 or garbage."""
+
+    code = "apigee_unavailable"
+
+
+class ApigeeRejected(ApigeeError):
+    """Not retryable as is: Apigee answered a 4xx other than 408 and 429."""
+
+    code = "apigee_rejected"
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)

@@ -15,6 +15,7 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 # Check takes tens of microseconds; the Go adapter's DefBuckets (5 ms and up) would show nothing.
+APIGEE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CHECK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -78,6 +79,7 @@ class Metrics:
     catalog_reloads: Counter
     catalog_loaded_timestamp: Gauge
     ready: Gauge
+    apigee_requests: LoopHistogram
 
 
 def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
@@ -129,4 +131,11 @@ def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
             registry=registry,
         ),
         ready=Gauge("ready", "1 when Check answers with decisions, 0 otherwise.", registry=registry),
+        apigee_requests=LoopHistogram(
+            "apigee_requests_seconds",
+            "Calls to Apigee by API (products, auth, quotas, analytics), HTTP status and method.",
+            ["org", "env", "api", "code", "method"],
+            APIGEE_BUCKETS,
+            registry,
+        ),
     )

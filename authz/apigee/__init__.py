@@ -1,0 +1,1 @@
+"""The control plane: every outbound HTTP call to Apigee (the only package that imports httpx)."""

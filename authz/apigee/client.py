@@ -1,0 +1,130 @@
+"""ApigeeClient: the remote-service API (products, verifyApiKey) over one httpx.AsyncClient.
+
+Every call carries the Authorization header from an Authorizer, has the client's timeout, is timed in
+``apigee_requests_seconds{org,env,api,code,method}``, and maps failures onto the error tree:
+transport errors, timeouts, 5xx, 429 and unparseable bodies raise ``ApigeeUnavailable`` (retry later, never
+"bad key"); other 4xx raise ``ApigeeRejected``. The wire contract is reference §3.1 and §3.2.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from authz.apigee.signer import Authorizer
+from authz.errors import ApigeeRejected, ApigeeUnavailable
+from authz.metrics import Metrics
+
+JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a products list far beyond any real org
+
+
+@dataclass(frozen=True)
+class ProductsResponse:
+    """``not_modified`` (304) keeps the current catalog; otherwise ``products`` is the raw list."""
+
+    not_modified: bool
+    products: tuple[dict[str, Any], ...] = ()
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class VerifyResponse:
+    """``token`` is the JWT Apigee issued for a valid key; None means Apigee says the key is invalid."""
+
+    token: str | None
+
+
+def tls_context(ca_file: str, cert_file: str, key_file: str, allow_unverified: bool) -> ssl.SSLContext | bool:
+    """The ``verify`` argument for httpx from ``tenant.tls`` (custom CA, client certificate, insecure)."""
+    if not (ca_file or cert_file or allow_unverified):
+        return True
+    context = ssl.create_default_context(cafile=ca_file or None)
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file)
+    if allow_unverified:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class ApigeeClient:
+    def __init__(
+        self, http: httpx.AsyncClient, remote_service_api: str, authorizer: Authorizer,
+        metrics: Metrics, org: str, env: str,
+    ) -> None:  # fmt: skip
+        self._http = http
+        self._base = remote_service_api.rstrip("/")
+        self._authorizer = authorizer
+        self._metrics = metrics
+        self._org = org
+        self._env = env
+
+    async def _call(self, api: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        headers = {**JSON_HEADERS, **kwargs.pop("headers", {})}
+        headers["Authorization"] = self._authorizer.authorization()
+        started = time.perf_counter()
+        code = "error"
+        try:
+            response = await self._http.request(method, url, headers=headers, **kwargs)
+            code = str(response.status_code)
+        except httpx.HTTPError as exc:
+            raise ApigeeUnavailable(f"{method} {api}: {type(exc).__name__}") from exc
+        finally:
+            elapsed = time.perf_counter() - started
+            self._metrics.apigee_requests.labels(self._org, self._env, api, code, method).observe(elapsed)
+        status = response.status_code
+        if status >= 500 or status in (408, 429):
+            raise ApigeeUnavailable(f"{method} {api}: HTTP {status}")
+        if len(response.content) > MAX_BODY_BYTES:
+            raise ApigeeUnavailable(f"{method} {api}: body over {MAX_BODY_BYTES} bytes")
+        return response
+
+    async def products(self, etag: str | None = None) -> ProductsResponse:
+        """``GET {remote_service_api}/products`` with ``If-None-Match``.
+
+        Raises:
+            ApigeeUnavailable: transport error, 5xx/408/429, or a body that is not ``{"apiProduct": [...]}``.
+            ApigeeRejected: another 4xx (for example bad credentials).
+        """
+        headers = {"If-None-Match": etag} if etag else {}
+        response = await self._call("products", "GET", f"{self._base}/products", headers=headers)
+        if response.status_code == 304:
+            return ProductsResponse(not_modified=True, etag=etag)
+        if response.status_code != 200:
+            raise ApigeeRejected(response.status_code, f"GET products: HTTP {response.status_code}")
+        body = _json(response, "products")
+        products = body.get("apiProduct", []) if isinstance(body, dict) else None
+        if not isinstance(products, list) or not all(isinstance(p, dict) for p in products):
+            raise ApigeeUnavailable('GET products: body is not {"apiProduct": [...]}')
+        return ProductsResponse(False, tuple(products), response.headers.get("etag"))
+
+    async def verify_api_key(self, api_key: str) -> VerifyResponse:
+        """``POST {remote_service_api}/verifyApiKey`` with ``{"apiKey": key}``.
+
+        A 4xx (Apigee answers 401 with a fault for unknown or revoked keys) means the key is invalid.
+        Unlike the Go adapter, a 5xx or a transport error is not a bad key: it raises.
+
+        Raises:
+            ApigeeUnavailable: transport error, 5xx/408/429, or a 200 without a token.
+        """
+        body = json.dumps({"apiKey": api_key}) + "\n"
+        response = await self._call("auth", "POST", f"{self._base}/verifyApiKey", content=body)
+        if 400 <= response.status_code < 500:
+            return VerifyResponse(token=None)
+        token = _json(response, "verifyApiKey").get("token") if response.status_code == 200 else None
+        if not isinstance(token, str) or not token:
+            raise ApigeeUnavailable(f"POST verifyApiKey: HTTP {response.status_code} without a token")
+        return VerifyResponse(token=token)
+
+
+def _json(response: httpx.Response, api: str) -> Any:
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApigeeUnavailable(f"{api}: the body is not JSON") from None
