@@ -1,0 +1,422 @@
+"""FakeApigee: one stateful fake of Apigee's remote-service control plane, for every test level.
+
+It follows /work/shared/reference/apigee-adapter.md §3 and the §11 checklist: `GET {base}/products` with a
+SHA-512 `ETag` and `304`, `POST {base}/verifyApiKey` minting RS256 JWTs with the GCP proxy's claims,
+`POST {base}/quotas` counting calendar windows server-side (`expiryTime` in epoch **ms**, issue #31), and the
+`/remote-token` proxy's `certs` JWKS and `token` endpoint. Calls to `{base}` check Basic or internal-JWT
+auth (§3.0). Faults are knobs per endpoint (drop, fail, malformed, delay). The same object is an
+`httpx.MockTransport` handler (`fake.transport()`) and a loopback HTTP server (`await fake.serve()`).
+Not covered: analytics upload (§3.4/3.5), `{base}/version`, `{base}/rotate`.
+
+Standalone: `python -m tests.fakes.apigee --port 8080 --key KEY:app:dev@x:product1,product2`
+(see apigee_cli.py).
+Imports only the stdlib, httpx, pyjwt/cryptography and tests.fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import copy
+import hashlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+from tests.fakes.http_server import ConnectionDropped, LoopbackServer
+
+ENDPOINTS = frozenset({"products", "verifyApiKey", "certs", "token", "quotas"})
+AUDIENCE = "remote-service-client"
+INTERNAL_ISSUER = "apigee-remote-service-envoy"
+INVALID_API_KEY = {
+    "fault": {"faultstring": "Invalid ApiKey", "detail": {"errorcode": "oauth.v2.InvalidApiKey"}}
+}
+INVALID_REQUEST = {"error": "invalid_request", "error_description": "invalid request"}
+UNAUTHORIZED = {"error": "unauthorized"}
+# The GCP proxy's Quota policy is type="calendar" with StartTime 2019-01-01 00:00:00 (DistributedQuota.xml).
+QUOTA_START = datetime(2019, 1, 1, tzinfo=UTC)
+_UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+@dataclass
+class _Key:
+    app: str
+    developer_email: str
+    products: list[str]
+    client_id: str
+    status: str
+
+
+@dataclass
+class _Canned:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.Response(
+        status,
+        content=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+
+
+def quota_window(now: float, time_unit: str, interval: int) -> tuple[float, float]:
+    """Return the calendar window (start, end) in epoch seconds that holds `now`, in UTC."""
+    if time_unit in _UNIT_SECONDS:
+        size = _UNIT_SECONDS[time_unit] * interval
+        origin = QUOTA_START.timestamp()
+        start = origin + (now - origin) // size * size
+        return start, start + size
+    if time_unit != "month":
+        raise ValueError(time_unit)
+    at = datetime.fromtimestamp(now, UTC)
+    first = ((at.year - 2019) * 12 + at.month - 1) // interval * interval
+
+    def month(index: int) -> float:
+        return datetime(2019 + index // 12, index % 12 + 1, 1, tzinfo=UTC).timestamp()
+
+    return month(first), month(first + interval)
+
+
+class FakeApigee:
+    """The control plane. Tests arrange state with `set_products`/`add_key` and assert on `calls`."""
+
+    def __init__(
+        self,
+        *,
+        org: str = "org",
+        env: str = "test",
+        basic_auth: tuple[str, str] | None = None,
+        policy_jwks: dict[str, Any] | None = None,
+        base_path: str = "/remote-service",
+        token_ttl: float = 900.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.org, self.env, self.base_path = org, env, base_path.rstrip("/")
+        self.basic_auth, self.token_ttl, self._clock = basic_auth, token_ttl, clock
+        self._policy_keys = jwt.PyJWKSet.from_dict(policy_jwks) if policy_jwks is not None else None
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.last_headers: dict[str, dict[str, str]] = {}
+        self._keys: dict[str, _Key] = {}
+        self._quotas: dict[str, tuple[float, int]] = {}  # identifier -> (window end, count)
+        self._drops: collections.Counter[str] = collections.Counter()
+        self._fails: dict[str, collections.deque[_Canned]] = collections.defaultdict(collections.deque)
+        self._malformed: dict[str, collections.deque[_Canned]] = collections.defaultdict(collections.deque)
+        self._delays: dict[str, float] = {}
+        self._private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        # The real JWKS uses an RFC 3339 timestamp as kid (cli provision / token rotate-cert).
+        self.signing_kid = datetime.fromtimestamp(clock(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        public = RSAAlgorithm.to_jwk(self._private_key.public_key(), as_dict=True)
+        self.jwks: dict[str, Any] = {
+            "keys": [
+                {
+                    "kty": "RSA",
+                    "kid": self.signing_kid,
+                    "alg": "RS256",
+                    "use": "sig",
+                    "n": public["n"],
+                    "e": public["e"],
+                }
+            ]
+        }
+        self.set_products([])
+        self._routes: dict[str, tuple[str, str, Callable[[httpx.Request], httpx.Response]]] = {
+            f"{self.base_path}/products": ("products", "GET", self._get_products),
+            f"{self.base_path}/verifyApiKey": ("verifyApiKey", "POST", self._verify_api_key),
+            f"{self.base_path}/quotas": ("quotas", "POST", self._post_quotas),
+            "/remote-token/certs": ("certs", "GET", self._get_certs),
+            "/remote-token/token": ("token", "POST", self._post_token),
+        }
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    def set_products(self, products: list[dict[str, Any]]) -> None:
+        """Replace the product list (Apigee JSON shape, quota fields as strings); changes the ETag."""
+        self.products = copy.deepcopy(products)
+        self._products_body = json.dumps({"apiProduct": self.products}).encode()
+        self.products_etag = '"' + hashlib.sha512(self._products_body).hexdigest() + '"'
+
+    def add_key(
+        self,
+        api_key: str,
+        *,
+        app: str,
+        developer_email: str,
+        products: list[str],
+        client_id: str | None = None,
+        status: str = "approved",
+    ) -> None:
+        """Add (or replace) an API key; the real GCP proxy uses the key itself as `client_id`."""
+        self._keys[api_key] = _Key(app, developer_email, list(products), client_id or api_key, status)
+
+    def revoke_key(self, api_key: str) -> None:
+        self._keys[api_key].status = "revoked"
+
+    def quota_count(self, identifier: str) -> int:
+        """Total weight counted for `identifier` in its current window (0 when unknown or expired)."""
+        end, count = self._quotas.get(identifier, (0.0, 0))
+        return count if self._clock() < end else 0
+
+    # -- faults ----------------------------------------------------------------------------------------
+
+    def fail_next(
+        self,
+        endpoint: str,
+        status: int,
+        count: int = 1,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        _check(endpoint, count)
+        if body is None:
+            body, headers = b'{"error":"injected"}', {"Content-Type": "application/json", **(headers or {})}
+        self._fails[endpoint].extend(_Canned(status, body, dict(headers or {})) for _ in range(count))
+
+    def set_delay(self, endpoint: str, seconds: float) -> None:
+        """Sleep (real asyncio time) before every answer of `endpoint`, faulted ones included; 0 clears."""
+        _check(endpoint, 1)
+        self._delays[endpoint] = seconds
+
+    def drop_next(self, endpoint: str, count: int = 1) -> None:
+        _check(endpoint, count)
+        self._drops[endpoint] += count
+
+    def malformed_next(
+        self,
+        endpoint: str,
+        body: bytes,
+        status: int = 200,
+        content_type: str = "application/json",
+        count: int = 1,
+    ) -> None:
+        _check(endpoint, count)
+        canned = _Canned(status, body, {"Content-Type": content_type})
+        self._malformed[endpoint].extend(canned for _ in range(count))
+
+    # -- transport -------------------------------------------------------------------------------------
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        """Answer one request; usable as `httpx.MockTransport(fake.handler)`."""
+        route = self._routes.get(request.url.path)
+        if route is None:
+            return _json(404, {"error": "not_found"})
+        endpoint, method, answer = route
+        self.calls[endpoint] += 1
+        self.last_headers[endpoint] = {k.lower(): v for k, v in request.headers.items()}
+        await request.aread()
+        canned: _Canned | None = None
+        dropped = self._drops[endpoint] > 0
+        if dropped:
+            self._drops[endpoint] -= 1
+        elif self._fails[endpoint]:
+            canned = self._fails[endpoint].popleft()
+        elif self._malformed[endpoint]:
+            canned = self._malformed[endpoint].popleft()
+        if self._delays.get(endpoint, 0) > 0:
+            await asyncio.sleep(self._delays[endpoint])
+        if dropped:
+            raise ConnectionDropped(f"fake apigee dropped {endpoint}", request=request)
+        if canned is not None:
+            return httpx.Response(canned.status, content=canned.body, headers=canned.headers)
+        if request.method != method:
+            return httpx.Response(405, headers={"Allow": method})
+        if request.url.path.startswith(self.base_path + "/") and not self._authorized(request):
+            return _json(401, UNAUTHORIZED)
+        return answer(request)
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handler)
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 0) -> FakeServer:
+        """Start a real HTTP/1.1 server on the running loop; close it with `await server.close()`."""
+        return FakeServer(await LoopbackServer.start(self.handler, host, port), self.base_path)
+
+    # -- endpoints -------------------------------------------------------------------------------------
+
+    def _authorized(self, request: httpx.Request) -> bool:
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        if self.basic_auth is not None:
+            try:
+                decoded = base64.b64decode(credentials, validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+            return scheme.lower() == "basic" and decoded == ":".join(self.basic_auth)
+        if self._policy_keys is None:
+            return True
+        if scheme.lower() != "bearer":
+            return False
+        try:
+            kid = jwt.get_unverified_header(credentials).get("kid")
+            key = self._policy_keys[kid] if kid else self._policy_keys.keys[0]
+            claims = jwt.decode(
+                credentials,
+                key,
+                algorithms=["RS256"],
+                audience=AUDIENCE,
+                issuer=INTERNAL_ISSUER,
+                options={
+                    "require": ["exp", "iat"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except (jwt.PyJWTError, KeyError, IndexError):
+            return False
+        now = self._clock()  # time checks use the injected clock, not pyjwt's wall clock
+        return now < claims["exp"] and claims.get("nbf", now) <= now
+
+    def _get_products(self, request: httpx.Request) -> httpx.Response:
+        headers = {"ETag": self.products_etag}
+        if request.headers.get("if-none-match") == self.products_etag:
+            return httpx.Response(304, headers=headers)
+        return httpx.Response(
+            200, content=self._products_body, headers={"Content-Type": "application/json", **headers}
+        )
+
+    def _verify_api_key(self, request: httpx.Request) -> httpx.Response:
+        api_key = _body(request).get("apiKey")
+        if not isinstance(api_key, str) or not api_key:
+            return _json(400, INVALID_REQUEST)
+        key = self._keys.get(api_key)
+        if key is None or key.status != "approved":
+            return _json(401, INVALID_API_KEY)
+        claims = {
+            "iss": f"{_origin(request)}{self.base_path}/verifyApiKey",
+            "client_id": key.client_id,
+            "api_product_list": list(key.products),
+            "application_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.org}/{key.app}")),
+            "application_name": key.app,
+            "developer_email": key.developer_email,
+        }
+        return _json(200, {"token": self._sign(claims)}, {"Cache-Control": "no-store"})
+
+    def _get_certs(self, request: httpx.Request) -> httpx.Response:
+        return _json(200, self.jwks)
+
+    def _post_token(self, request: httpx.Request) -> httpx.Response:
+        form = _body(request)
+        if form.get("grant_type") != "client_credentials":
+            return _json(400, {"error": "unsupported_grant_type", "error_description": "invalid grant type"})
+        key = self._keys.get(form.get("client_id") or "")
+        if key is None or key.status != "approved" or not form.get("client_secret"):
+            return _json(401, {"error": "invalid_client", "error_description": "invalid client credentials"})
+        claims = {
+            "iss": f"{_origin(request)}/remote-token/token",
+            "client_id": key.client_id,
+            "access_token": secrets.token_urlsafe(21),
+            "api_product_list": list(key.products),
+            "application_name": key.app,
+            "developer_email": key.developer_email,
+            "scope": "",
+        }
+        ttl = int(self.token_ttl)
+        return _json(200, {"access_token": self._sign(claims), "token_type": "Bearer", "expires_in": ttl})
+
+    def _post_quotas(self, request: httpx.Request) -> httpx.Response:
+        body = _body(request)
+        identifier, time_unit = body.get("identifier"), body.get("timeUnit")
+        numbers = [body.get(name) for name in ("weight", "interval", "allow")]
+        if (
+            not isinstance(identifier, str)
+            or not identifier
+            or time_unit not in (*_UNIT_SECONDS, "month")
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
+            or numbers[1] < 1
+        ):
+            return _json(400, INVALID_REQUEST)
+        weight, interval, allow = numbers
+        now = self._clock()
+        _, end = quota_window(now, time_unit, interval)
+        last_end, count = self._quotas.get(identifier, (end, 0))
+        count = (count if last_end == end else 0) + weight
+        self._quotas[identifier] = (end, count)
+        return _json(
+            200,
+            {
+                "allowed": allow,
+                "used": min(count, allow),
+                "exceeded": max(0, count - allow),
+                "expiryTime": int(end * 1000),  # milliseconds, like the real proxy (the Go mocks send µs)
+                "timestamp": int(now * 1000),
+            },
+        )
+
+    def _sign(self, claims: dict[str, Any]) -> str:
+        now = int(self._clock())
+        base = {
+            "aud": AUDIENCE,
+            "iat": now,
+            "nbf": now,
+            "exp": int(now + self.token_ttl),
+            "jti": str(uuid.uuid4()),
+        }
+        return jwt.encode(
+            {**base, **claims}, self._private_key, algorithm="RS256", headers={"kid": self.signing_kid}
+        )
+
+
+class FakeServer:
+    """A FakeApigee served over loopback: `async with await fake.serve() as server:`."""
+
+    def __init__(self, server: LoopbackServer, base_path: str) -> None:
+        self._server = server
+        self.port = server.port
+        self.base_url = server.base_url
+        self.runtime_url = server.base_url  # where /remote-token lives
+        self.remote_service_url = server.base_url + base_path
+
+    async def close(self) -> None:
+        await self._server.close()
+
+    async def __aenter__(self) -> FakeServer:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+def _check(endpoint: str, count: int) -> None:
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {sorted(ENDPOINTS)}")
+    if count < 1:
+        raise ValueError("count must be at least 1")
+
+
+def _origin(request: httpx.Request) -> str:
+    return f"{request.url.scheme}://{request.url.netloc.decode()}"
+
+
+def _body(request: httpx.Request) -> dict[str, Any]:
+    """The request's JSON object (or form fields); {} when it is neither."""
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        return dict(parse_qsl(request.content.decode("utf-8", "replace")))
+    try:
+        body = json.loads(request.content)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+if __name__ == "__main__":  # `python -m tests.fakes.apigee ...`; the command line lives in apigee_cli.py
+    from tests.fakes.apigee_cli import main
+
+    raise SystemExit(main())
