@@ -80,6 +80,10 @@ class Metrics:
     catalog_loaded_timestamp: Gauge
     ready: Gauge
     apigee_requests: LoopHistogram
+    catalog_from_snapshot: Gauge
+    api_key_lookups: Counter
+    api_key_verifications: Counter
+    jwks_refreshes: Counter
 
 
 def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
@@ -137,5 +141,29 @@ def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
             ["org", "env", "api", "code", "method"],
             APIGEE_BUCKETS,
             registry,
+        ),
+        catalog_from_snapshot=Gauge(
+            "catalog_from_snapshot",
+            "1 while the products in use come from the on-disk snapshot (Apigee unreachable since start).",
+            ["org"],
+            registry=registry,
+        ),
+        api_key_lookups=Counter(
+            "api_key_cache_lookups",
+            "API-key cache lookups by result (hit, stale, negative, miss).",
+            ["org", "result"],
+            registry=registry,
+        ),
+        api_key_verifications=Counter(
+            "api_key_verifications",
+            "verifyApiKey outcomes (valid, invalid, unavailable, bad_token, refused while backing off).",
+            ["org", "result"],
+            registry=registry,
+        ),
+        jwks_refreshes=Counter(
+            "jwks_refreshes",
+            "Fetches of the remote-token JWKS by result (ok, error); an error keeps the last good keys.",
+            ["org", "result"],
+            registry=registry,
         ),
     )

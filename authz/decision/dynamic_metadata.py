@@ -20,6 +20,7 @@ ORGANIZATION = "x-apigee-organization"
 SCOPE = "x-apigee-scope"
 ANALYTICS_PRODUCT = "x-apigee-analytics-product"
 AUTHORIZED = "x-apigee-authorized"
+CUSTOM_ATTRIBUTES = "x-apigee-customattributes"  # only when non-empty
 # Not in the Go adapter: set instead of AUTHORIZED when auth.allow_unauthorized let a denied request pass.
 UNAUTHORIZED_REASON = "x-apigee-unauthorized-reason"
 
@@ -44,4 +45,6 @@ def build(
                 ANALYTICS_PRODUCT: analytics_product,
             }
         )
+        if auth.custom_attributes:
+            fields[CUSTOM_ATTRIBUTES] = auth.custom_attributes
     return fields

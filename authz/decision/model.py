@@ -10,6 +10,7 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "CONNECT", "TRACE"})
 
@@ -28,6 +29,8 @@ class DenyReason(enum.Enum):
     MISSING_ENVIRONMENT = "missing_environment"  # multi-tenant and no apigee_environment extension
     ENVIRONMENT_MISMATCH = "environment_mismatch"  # extension names another environment than the config
     NOT_READY = "not_ready"  # no catalog loaded yet
+    AUTH_UNAVAILABLE = "auth_unavailable"  # the key could not be checked (Apigee unreachable), not a bad key
+    INVALID_CLAIMS = "invalid_claims"  # JWT claims without a usable api_product_list, client_id, app name
     INTERNAL_ERROR = "internal_error"  # an unexpected error while deciding
 
 
@@ -43,6 +46,8 @@ class RequestAttrs:
     query: str  # the raw query string without "?"
     headers: Mapping[str, str]
     context_extensions: Mapping[str, str] = field(default_factory=dict)
+    # metadata_context["envoy.filters.http.jwt_authn"]: provider (payload_in_metadata name) -> claims
+    jwt_metadata: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +111,9 @@ class Credential:
     products: tuple[str, ...]
     active: bool = True  # credential approved, app approved and developer active
     expires_at: float | None = None  # epoch seconds
+    access_token: str = ""
+    scopes: tuple[str, ...] = ()
+    custom_attributes: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +135,8 @@ class Policy:
     api_header: str = ":authority"
     allow_unauthorized: bool = False
     append_metadata_headers: bool = False
+    api_key_claim: str = ""  # a JWT claim that carries an API key to verify
+    jwt_provider_key: str = ""  # which jwt_authn provider's claims to read ("" = any that fits)
 
     @property
     def multi_tenant(self) -> bool:
@@ -143,6 +153,7 @@ class AuthContext:
     products: tuple[str, ...]
     access_token: str = ""
     scopes: tuple[str, ...] = ()
+    custom_attributes: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,8 @@ DENY_STATUS: Final[dict[DenyReason, tuple[int, int, str]]] = {
     DenyReason.ENVIRONMENT_MISMATCH: (*UNAVAILABLE, "The service is not configured for this route."),
     DenyReason.NOT_READY: (*UNAVAILABLE, "The service is starting; try again shortly."),
     DenyReason.INTERNAL_ERROR: (*UNAVAILABLE, "The request could not be authorized; try again."),
+    DenyReason.AUTH_UNAVAILABLE: (*UNAVAILABLE, "The API key could not be checked; try again."),
+    DenyReason.INVALID_CLAIMS: (*FORBIDDEN, "The token does not name an app and its API products."),
 }
 
 REMOVED_PREFIXES = (PREFIX, FAILURE_MODE_HEADER)
