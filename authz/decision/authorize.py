@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import parse_qsl
 
 from authz.decision import dynamic_metadata as md
+from authz.decision.claims import PRODUCT_LIST, auth_context
 from authz.decision.model import (
     AuthContext,
     Catalog,
@@ -27,6 +30,8 @@ MAX_KEY_LENGTH = 256
 # left out on purpose: Envoy replaces non-UTF-8 bytes with "!", so two different keys could collide.
 _KEY_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+\Z")
 FAILURE_MODE_HEADER = "x-envoy-auth-failure-mode-allowed"
+# What an API key stands for: its credential, or why it grants nothing (unknown, unavailable, ...).
+KeyLookup = Callable[[str], "Credential | DenyReason"]
 
 # Denies that allow_unauthorized may turn into an allow: the caller or its rights, never our own state.
 _POLICY_DENIES = frozenset(
@@ -38,6 +43,7 @@ _POLICY_DENIES = frozenset(
         DenyReason.REVOKED_KEY,
         DenyReason.EXPIRED_KEY,
         DenyReason.NOT_AUTHORIZED,
+        DenyReason.INVALID_CLAIMS,
     }
 )
 
@@ -83,15 +89,84 @@ def _api_key(attrs: RequestAttrs, policy: Policy) -> str | DenyReason:
     return key
 
 
-def _credential(catalog: Catalog, key: str, now: float) -> Credential | DenyReason:
-    credential = catalog.credentials.get(key_digest(key))
-    if credential is None:
-        return DenyReason.UNKNOWN_KEY
+def catalog_lookup(catalog: Catalog) -> KeyLookup:
+    """The key lookup of a catalog that holds its own credentials (standalone mode)."""
+
+    def lookup(key: str) -> Credential | DenyReason:
+        return catalog.credentials.get(key_digest(key)) or DenyReason.UNKNOWN_KEY
+
+    return lookup
+
+
+def _usable(credential: Credential | DenyReason, now: float) -> Credential | DenyReason:
+    if isinstance(credential, DenyReason):
+        return credential
     if not credential.active:
         return DenyReason.REVOKED_KEY
     if credential.expires_at is not None and credential.expires_at <= now:
         return DenyReason.EXPIRED_KEY
     return credential
+
+
+def jwt_claims(attrs: RequestAttrs, policy: Policy) -> Mapping[str, Any] | None:
+    """The JWT claims Envoy's jwt_authn filter verified for this request, if any.
+
+    With ``auth.jwt_provider_key`` the claims of that provider; otherwise the first provider (by name,
+    for a stable answer) whose claims carry ``api_key_claim`` or ``api_product_list``.
+    """
+    providers = attrs.jwt_metadata
+    if not providers:
+        return None
+    if policy.jwt_provider_key:
+        return providers.get(policy.jwt_provider_key) or None
+    for name in sorted(providers):
+        claims = providers[name]
+        if (policy.api_key_claim and policy.api_key_claim in claims) or PRODUCT_LIST in claims:
+            return claims
+    return None
+
+
+def requested_key(attrs: RequestAttrs, policy: Policy) -> str | DenyReason:
+    """The API key this request asks to verify: the ``api_key_claim`` of its JWT claims first, then the
+    header or query parameter. A DenyReason when there is none or it is malformed or ambiguous."""
+    claims = jwt_claims(attrs, policy)
+    if claims is not None and policy.api_key_claim:
+        value = claims.get(policy.api_key_claim)
+        if isinstance(value, str) and value:
+            return (
+                value
+                if len(value) <= MAX_KEY_LENGTH and _KEY_CHARS.match(value)
+                else (DenyReason.MALFORMED_CREDENTIALS)
+            )
+    return _api_key(attrs, policy)
+
+
+def _authenticate(
+    attrs: RequestAttrs, policy: Policy, lookup: KeyLookup, now: float
+) -> tuple[AuthContext, Credential | None] | DenyReason:
+    """Who is calling (Go adapter precedence): a verified API key, else the JWT claims.
+
+    A bad or uncheckable key does not stop a request whose JWT claims are valid, as in the Go adapter:
+    the token itself is proof enough. Returns the credential too when a key authenticated the call.
+    """
+    key = requested_key(attrs, policy)
+    found = _usable(lookup(key), now) if isinstance(key, str) else key
+    if isinstance(found, Credential):
+        auth = AuthContext(
+            client_id=found.client_id,
+            app_name=found.app_name,
+            developer_email=found.developer_email,
+            products=found.products,
+            access_token=found.access_token,
+            scopes=found.scopes,
+            custom_attributes=found.custom_attributes,
+        )
+        return auth, found
+    claims = jwt_claims(attrs, policy)
+    if claims is None:
+        return found
+    from_claims = auth_context(claims)
+    return (from_claims, None) if from_claims is not None else DenyReason.INVALID_CLAIMS
 
 
 def _strip(attrs: RequestAttrs, policy: Policy, keep: frozenset[str]) -> tuple[str, ...]:
@@ -126,7 +201,9 @@ def _deny(reason: DenyReason, attrs: RequestAttrs, policy: Policy, api: str = ""
     )
 
 
-def decide(attrs: RequestAttrs, catalog: Catalog | None, policy: Policy, now: float) -> Decision:
+def decide(
+    attrs: RequestAttrs, catalog: Catalog | None, policy: Policy, now: float, lookup: KeyLookup | None = None
+) -> Decision:
     """Decide one request.
 
     Args:
@@ -134,6 +211,8 @@ def decide(attrs: RequestAttrs, catalog: Catalog | None, policy: Policy, now: fl
         catalog: the current catalog snapshot, or None while none is loaded.
         policy: settings from the config.
         now: the current time, epoch seconds (for credential expiry).
+        lookup: what an API key stands for; by default the catalog's own credentials. In Apigee mode the
+            servicer has verified the key already and passes its answer.
 
     Returns:
         An allow with metadata and header changes, or a deny with its reason.
@@ -146,19 +225,13 @@ def decide(attrs: RequestAttrs, catalog: Catalog | None, policy: Policy, now: fl
     api = attrs.context_extensions.get("apigee_api") or attrs.headers.get(policy.api_header, "")
     if not api:
         return _deny(DenyReason.MISSING_API, attrs, policy, env=env)
-    found = _api_key(attrs, policy)
+    found = _authenticate(attrs, policy, lookup or catalog_lookup(catalog), now)
     if isinstance(found, DenyReason):
         return _deny(found, attrs, policy, api, env)
-    credential = _credential(catalog, found, now)
-    if isinstance(credential, DenyReason):
-        return _deny(credential, attrs, policy, api, env)
-    auth = AuthContext(
-        client_id=credential.client_id,
-        app_name=credential.app_name,
-        developer_email=credential.developer_email,
-        products=credential.products,
-    )
-    operations = authorized_operations(catalog, auth.products, env, api, attrs.path, attrs.method)
+    auth, credential = found
+    # Scopes restrict tokens, not API keys (Go adapter).
+    scopes = None if credential is not None else frozenset(auth.scopes)
+    operations = authorized_operations(catalog, auth.products, env, api, attrs.path, attrs.method, scopes)
     if not operations:
         return _deny(DenyReason.NOT_AUTHORIZED, attrs, policy, api, env)
     metadata = md.build(policy.org, env, api, auth, operations[0].product)
@@ -176,5 +249,5 @@ def decide(attrs: RequestAttrs, catalog: Catalog | None, policy: Policy, now: fl
         headers_to_set=headers_to_set,
         headers_to_remove=_strip(attrs, policy, frozenset(k for k, _ in headers_to_set)),
         query_params_to_remove=_remove_query(attrs, policy),
-        valid_until=credential.expires_at,
+        valid_until=credential.expires_at if credential is not None else None,
     )

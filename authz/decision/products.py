@@ -193,15 +193,22 @@ def _product_operations(
 
 
 def authorized_operations(
-    catalog: Catalog, product_names: Sequence[str], environment: str, api: str, path: str, method: str
+    catalog: Catalog,
+    product_names: Sequence[str],
+    environment: str,
+    api: str,
+    path: str,
+    method: str,
+    scopes: frozenset[str] | None = None,
 ) -> tuple[AuthorizedOperation, ...]:
     """Every operation of the credential's products that grants this request, in product order.
 
-    Names not in the catalog are skipped. Scopes are not checked: they apply to JWTs, not API keys.
+    Names not in the catalog are skipped. ``scopes`` (a token's) are checked only when given: a product
+    with scopes then needs at least one of them. API keys pass None, as in the Go adapter.
     """
     found: list[AuthorizedOperation] = []
     for name in product_names:
         product = catalog.products.get(name)
-        if product is not None:
+        if product is not None and (scopes is None or not product.scopes or product.scopes & scopes):
             found.extend(_product_operations(product, environment, api, path, method))
     return tuple(found)

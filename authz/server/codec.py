@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2
 
 from authz.decision.authorize import FAILURE_MODE_HEADER
@@ -47,6 +47,7 @@ REMOVED_PREFIXES = (PREFIX, FAILURE_MODE_HEADER)
 MAX_KEYED_PATH = 1024
 MAX_KEYED_REMOVED = 8
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+JWT_AUTHN = "envoy.filters.http.jwt_authn"  # where jwt_authn's payload_in_metadata puts verified claims
 
 
 def http_status(reason: DenyReason) -> int:
@@ -67,7 +68,17 @@ def request_attrs(request: Any) -> RequestAttrs:
         query=query,
         headers=headers,
         context_extensions=dict(attributes.context_extensions),
+        jwt_metadata=_jwt_metadata(attributes),
     )
+
+
+def _jwt_metadata(attributes: Any) -> dict[str, dict[str, Any]]:
+    """Claims per jwt_authn provider, as plain dicts (numbers become floats, as in the Go adapter)."""
+    namespaces = attributes.metadata_context.filter_metadata
+    if JWT_AUTHN not in namespaces:
+        return {}
+    found = json_format.MessageToDict(namespaces[JWT_AUTHN])
+    return {name: claims for name, claims in found.items() if isinstance(claims, dict)}
 
 
 def decision_key(request: Any, policy: Policy) -> tuple[str | None, ...] | None:
@@ -80,8 +91,8 @@ def decision_key(request: Any, policy: Policy) -> tuple[str | None, ...] | None:
     attributes = request.attributes
     http = attributes.request.http
     headers = http.headers
-    if not headers:
-        return None
+    if not headers or JWT_AUTHN in attributes.metadata_context.filter_metadata:
+        return None  # tokens change per request: no point caching them
     path = http.path
     if len(path) > MAX_KEYED_PATH:
         return None

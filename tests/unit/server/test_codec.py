@@ -94,3 +94,26 @@ def test_decision_key_bounds_its_size():
     spoofed = {f"x-apigee-h{i}": "v" for i in range(9)}
     assert codec.decision_key(check_request(headers=spoofed), policy) is None
     assert codec.decision_key(pb.CheckRequest(), policy) is None  # no header map to key on
+
+
+def with_jwt_claims(request, provider, claims):
+    from google.protobuf import struct_pb2
+
+    struct = struct_pb2.Struct()
+    struct.update({provider: claims, "not-a-provider": "x"})
+    request.attributes.metadata_context.filter_metadata[codec.JWT_AUTHN].CopyFrom(struct)
+    return request
+
+
+def test_jwt_claims_from_jwt_authn_metadata():
+    claims = {"api_product_list": ["a", "b"], "client_id": "c", "exp": 1800000000, "nested": {"k": True}}
+    attrs = codec.request_attrs(with_jwt_claims(check_request(), "apigee", claims))
+    assert attrs.jwt_metadata == {"apigee": {**claims, "exp": 1800000000.0}}
+    assert codec.request_attrs(check_request()).jwt_metadata == {}
+
+
+def test_requests_with_jwt_claims_are_not_keyed():
+    from authz.decision.model import Policy
+
+    request = with_jwt_claims(check_request(), "apigee", {"client_id": "c"})
+    assert codec.decision_key(request, Policy("org", "test")) is None
