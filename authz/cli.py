@@ -16,7 +16,7 @@ import sys
 import yaml
 
 from authz import __version__, logs
-from authz.config import effective_config, load_config
+from authz.config import DEFAULT_POLICY_SECRET_DIR, effective_config, load_config
 from authz.decision.authorize import key_digest
 from authz.errors import ConfigError, ListenError
 from authz.standalone.catalog_file import load_catalog
@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (("serve", "run the service"), ("check-config", "validate and print the config")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("-c", "--config", default=env.get("AUTHZ_CONFIG", "config.yaml"))
+        command.add_argument(
+            "-p",
+            "--policy-secret",
+            default=env.get("AUTHZ_POLICY_SECRET", DEFAULT_POLICY_SECRET_DIR),
+            help="directory with remote-service.key, .properties and .crt (Apigee X/hybrid)",
+        )
         command.add_argument("-l", "--log-level", default=env.get("AUTHZ_LOG_LEVEL", "info"),
                              choices=["debug", "info", "warning", "error"], type=str.lower)  # fmt: skip
         command.add_argument("-j", "--json-log", action="store_true",
@@ -61,8 +67,8 @@ def _keys(command: str) -> int:
     return 0
 
 
-def _check_config(path: str) -> int:
-    config = load_config(path)
+def _check_config(path: str, policy_secret: str) -> int:
+    config = load_config(path, policy_secret)
     if config.standalone:
         catalog = load_catalog(config.tenant.catalog_file)
         print(f"# catalog: {len(catalog.products)} products, {len(catalog.credentials)} credentials")
@@ -77,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level, args.json_log)
     try:
         if args.command == "check-config":
-            return _check_config(args.config)
+            return _check_config(args.config, args.policy_secret)
         from authz.app import serve  # grpc is imported only to serve
 
-        return asyncio.run(serve(load_config(args.config)))
+        return asyncio.run(serve(load_config(args.config, args.policy_secret)))
     except ConfigError as exc:
         print(f"authz: {exc}", file=sys.stderr)
         return 2

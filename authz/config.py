@@ -8,9 +8,10 @@ YAML or as the multi-document Kubernetes stream that ``apigee-remote-service-cli
 cross-field rules. Unlike the Go adapter, unknown keys are errors. Every problem is raised as one
 ``ConfigError(file, dotted.key, problem)``; nothing reads the environment.
 
-Keys this service adds to the Go schema: ``global.graceful_shutdown_timeout``, ``tenant.catalog_file``
-and ``tenant.catalog_poll_interval``. Relative file paths (the catalog and TLS files) are resolved
-against the config file's directory and stored absolute.
+Keys this service adds to the Go schema: ``global.graceful_shutdown_timeout``, ``tenant.catalog_file``,
+``tenant.catalog_poll_interval`` and ``tenant.remote_token_jwks_url`` (where the keys that sign
+``/verifyApiKey`` tokens are published; derived from ``remote_service_api`` by default). Relative file
+paths (the catalog and TLS files) are resolved against the config file's directory and stored absolute.
 
 The YAML documents themselves (Kubernetes stream, Secrets) are read by ``authz.config_documents``.
 Imports only the standard library, ``yaml``, ``authz.config_documents`` and ``authz.errors``.
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from authz.config_documents import PolicySecret, kind_name, split_documents
+from authz.config_documents import policy_secret_dir as policy_secret_dir_reader
 from authz.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -57,9 +59,8 @@ PRODUCTS_REFRESH_WARN_BELOW = 60.0  # the Go adapter refuses anything below 1m
 MIN_COLLECTION_INTERVAL = 1.0
 MASK = "***"
 SECTIONS = ("global", "tenant", "products", "analytics", "auth")
-APIGEE_MODE_UNAVAILABLE = (
-    "Apigee mode is not available yet; set tenant.catalog_file to run standalone from a local catalog"
-)
+APIGEE_ONLY = "required in Apigee mode (when tenant.catalog_file is not set)"
+DEFAULT_POLICY_SECRET_DIR = "/policy-secret"  # noqa: S105 - a directory, as in the Go adapter
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,16 @@ class TenantConfig:
     tls: TenantTLS = TenantTLS()
     catalog_file: str = ""
     catalog_poll_interval: float = DEFAULT_CATALOG_POLL_INTERVAL
+    remote_token_jwks_url: str = ""  # "" until loaded: derived from remote_service_api
 
     @property
     def multi_tenant(self) -> bool:
         return self.env_name == "*"
+
+    @property
+    def gcp_managed(self) -> bool:
+        """Apigee X or hybrid: calls are signed with the provisioned key (legacy SaaS/OPDK use Basic auth)."""
+        return self.internal_api == ""
 
 
 @dataclass(frozen=True)
@@ -163,8 +170,12 @@ class Config:
         return self.tenant.catalog_file != ""
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read, parse and validate the config file at ``path``; raises ``ConfigError``."""
+def load_config(path: str | os.PathLike[str], policy_secret_dir: str | None = None) -> Config:
+    """Read, parse and validate the config file at ``path``; raises ``ConfigError``.
+
+    The policy secret comes from the file's Kubernetes Secret, else from ``policy_secret_dir`` (files
+    ``remote-service.key``, ``.properties``, ``.crt``), as with the Go adapter's ``--policy-secret``.
+    """
     file = os.fspath(path)
     try:
         with open(file, encoding="utf-8") as stream:
@@ -174,6 +185,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(file, "", "cannot read: not UTF-8 text") from exc
     raw, policy, analytics_json = split_documents(file, text)
+    if policy is None and policy_secret_dir and os.path.isdir(policy_secret_dir):
+        policy = policy_secret_dir_reader(policy_secret_dir)
     top = _Section(file, "", raw, SECTIONS, os.path.dirname(os.path.abspath(file)))
     config = Config(
         path=os.path.abspath(file),
@@ -193,12 +206,44 @@ def _cross_check(file: str, config: Config) -> Config:
     if api.port and api == metrics:
         raise ConfigError(file, "global.metrics_address", f"same as global.api_address ({api})")
     if not config.standalone:
-        raise ConfigError(file, "tenant.catalog_file", APIGEE_MODE_UNAVAILABLE)
+        return _check_apigee(file, config)
     if not tenant.env_name:
         raise ConfigError(file, "tenant.env_name", "required when tenant.catalog_file is set")
     if not tenant.org_name:
         return replace(config, tenant=replace(tenant, org_name=DEFAULT_STANDALONE_ORG))
     return config
+
+
+def _check_apigee(file: str, config: Config) -> Config:
+    tenant = config.tenant
+    for name in ("remote_service_api", "org_name", "env_name"):
+        if not getattr(tenant, name):
+            raise ConfigError(file, f"tenant.{name}", APIGEE_ONLY)
+    if tenant.gcp_managed and config.policy_secret is None:
+        raise ConfigError(
+            file,
+            "tenant.internal_api",
+            "empty, so this is Apigee X or hybrid, whose calls are signed with the provisioned key: add the "
+            "policy Secret to this file or mount remote-service.key, remote-service.properties and "
+            "remote-service.crt in the --policy-secret directory (or set internal_api, key and secret for "
+            "legacy Apigee SaaS or OPDK)",
+        )
+    if not tenant.gcp_managed:
+        for name in ("key", "secret"):
+            if not getattr(tenant, name):
+                raise ConfigError(
+                    file, f"tenant.{name}", "required when tenant.internal_api is set (Basic auth)"
+                )
+    if not tenant.remote_token_jwks_url:
+        tenant = replace(tenant, remote_token_jwks_url=remote_token_jwks_url(tenant.remote_service_api))
+    return replace(config, tenant=tenant)
+
+
+def remote_token_jwks_url(remote_service_api: str) -> str:
+    """``https://host/remote-service`` -> ``https://host/remote-token/certs`` (the provisioned proxies)."""
+    parts = urlsplit(remote_service_api.rstrip("/"))
+    base = parts.path.rsplit("/", 1)[0] if parts.path.endswith("/remote-service") else parts.path
+    return f"{parts.scheme}://{parts.netloc}{base}/remote-token/certs"
 
 
 _UNIT_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9}
@@ -385,6 +430,7 @@ def _tenant(s: _Section) -> TenantConfig:
         catalog_poll_interval=s.duration(
             "catalog_poll_interval", DEFAULT_CATALOG_POLL_INTERVAL, MIN_CATALOG_POLL_INTERVAL
         ),
+        remote_token_jwks_url=s.url("remote_token_jwks_url"),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -122,13 +123,50 @@ def _policy_secret(file: str, where: str, data: dict[Any, Any]) -> PolicySecret 
         needed = ", ".join(_POLICY_ENTRIES)
         raise ConfigError(file, f"{where} data", f"needs all of {needed}; missing {', '.join(missing)}")
     jwks, pem, properties = (_secret_text(file, where, data, e) for e in _POLICY_ENTRIES)
+    return _checked_policy(file, f"{where} data.", jwks, pem, properties)
+
+
+def policy_secret_dir(directory: str) -> PolicySecret | None:
+    """The policy secret mounted as files (the Go adapter's ``--policy-secret``, default /policy-secret).
+
+    None when the directory holds none of the files; a partial or malformed set is a ConfigError that names
+    the file.
+    """
+    paths = [os.path.join(directory, entry) for entry in _POLICY_ENTRIES]
+    present = [p for p in paths if os.path.isfile(p)]
+    if not present:
+        return None
+    if len(present) < len(paths):
+        missing = ", ".join(os.path.basename(p) for p in paths if p not in present)
+        raise ConfigError(
+            directory, "", f"policy secret needs all of {', '.join(_POLICY_ENTRIES)}; missing {missing}"
+        )
+    texts = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as stream:
+                texts.append(stream.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(path, "", f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    jwks, pem, properties = texts
+    return _checked_policy(directory, "", jwks, pem, properties, directory=True)
+
+
+def _checked_policy(
+    file: str, prefix: str, jwks: str, pem: str, properties: str, *, directory: bool = False
+) -> PolicySecret:
+    """Check the three entries; errors name ``{dir}/{entry}`` for a directory, else ``{prefix}{entry}``."""
+
+    def at(entry: str) -> tuple[str, str]:
+        return (os.path.join(file, entry), "") if directory else (file, f"{prefix}{entry}")
+
     kid = re.search(r"^[ \t]*kid[ \t]*[=:][ \t]*(\S+)", properties, re.MULTILINE)  # Java properties
     if kid is None:
-        raise ConfigError(file, f"{where} data.remote-service.properties", "no kid= entry")
+        raise ConfigError(*at("remote-service.properties"), "no kid= entry")
     if "-----BEGIN" not in pem or "PRIVATE KEY-----" not in pem:
-        raise ConfigError(file, f"{where} data.remote-service.key", "not a PEM private key")
-    if not isinstance(_json_object(file, f"{where} data.remote-service.crt", jwks).get("keys"), list):
-        raise ConfigError(file, f"{where} data.remote-service.crt", 'not a JWKS (no "keys" list)')
+        raise ConfigError(*at("remote-service.key"), "not a PEM private key")
+    if not isinstance(_json_object(*at("remote-service.crt"), jwks).get("keys"), list):
+        raise ConfigError(*at("remote-service.crt"), 'not a JWKS (no "keys" list)')
     return PolicySecret(kid=kid[1], private_key_pem=pem, jwks=jwks)
 
 

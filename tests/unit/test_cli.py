@@ -57,3 +57,27 @@ def test_check_config_bad_catalog_exits_2_naming_file_and_key(tmp_path, capsys):
 def test_serve_with_missing_config_exits_2(tmp_path, capsys):
     assert cli.main(["serve", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_check_config_reads_the_policy_secret_directory(tmp_path, capsys):
+    from tests.support.apigee_config import apigee_config_yaml, write_policy_secret
+
+    secret = write_policy_secret(tmp_path / "policy-secret")
+    config = tmp_path / "config.yaml"
+    config.write_text(apigee_config_yaml("https://apigee.example.com/remote-service", str(tmp_path)))
+    assert cli.main(["check-config", "-c", str(config), "--policy-secret", str(secret.directory)]) == 0
+    out = capsys.readouterr().out
+    assert f"kid: '{secret.kid}'" in out
+    assert "private_key_pem: '***'" in out
+    assert "remote_token_jwks_url: https://apigee.example.com/remote-token/certs" in out
+    assert "BEGIN PRIVATE KEY" not in out
+
+
+def test_check_config_without_policy_secret_exits_2(tmp_path, capsys, monkeypatch):
+    from tests.support.apigee_config import apigee_config_yaml
+
+    monkeypatch.delenv("AUTHZ_POLICY_SECRET", raising=False)
+    config = tmp_path / "config.yaml"
+    config.write_text(apigee_config_yaml("https://apigee.example.com/remote-service", str(tmp_path)))
+    assert cli.main(["check-config", "-c", str(config), "-p", str(tmp_path / "absent")]) == 2
+    assert "signed with the provisioned key" in capsys.readouterr().err
