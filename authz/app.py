@@ -1,6 +1,7 @@
 """The composition root and lifecycle: the only module that builds the long-lived service objects.
 
-Config -> metrics -> catalog -> decision policy -> servicers -> grpc.aio server + HTTP side port.
+Config -> metrics -> catalog (a local file, or Apigee: client, product poller, key cache) -> decision policy
+-> servicers -> grpc.aio server + HTTP side port.
 Shutdown order (SIGTERM/SIGINT): report NOT_SERVING and unready, let in-flight RPCs finish within
 ``global.graceful_shutdown_timeout``, stop background loops, close the HTTP port. A second SIGINT exits
 at once.
@@ -13,14 +14,20 @@ import logging
 import os
 import signal
 import ssl
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from authz.apigee.catalog import ApigeeCatalog
+from authz.apigee.client import ApigeeClient, new_http_client
+from authz.apigee.jwks import RemoteTokenKeys
+from authz.apigee.keys import ApiKeyCache
+from authz.apigee.signer import Authorizer, BasicAuthorizer, InternalJWTAuthorizer
 from authz.clock import Clock, SystemClock
 from authz.config import Config
-from authz.decision.model import Policy
-from authz.errors import ListenError
+from authz.decision.model import Catalog, Policy
+from authz.errors import ConfigError, ListenError
 from authz.metrics import Metrics, new_metrics
 from authz.server.authorization import AuthorizationServicer, add_to_server
 from authz.server.health import Health
@@ -28,6 +35,8 @@ from authz.server.http import HttpEndpoints
 from authz.standalone.watcher import LocalCatalog
 
 log = logging.getLogger(__name__)
+
+READINESS_POLL = 0.5  # seconds between readiness checks (a catalog arriving after start-up)
 
 
 def policy_from(config: Config) -> Policy:
@@ -39,7 +48,67 @@ def policy_from(config: Config) -> Policy:
         api_header=auth.api_header,
         allow_unauthorized=auth.allow_unauthorized,
         append_metadata_headers=auth.append_metadata_headers,
+        api_key_claim=auth.api_key_claim,
+        jwt_provider_key=auth.jwt_provider_key,
     )
+
+
+def authorizer_from(config: Config, clock: Clock) -> Authorizer:
+    """How calls to Apigee authenticate; a policy key that cannot sign fails start-up."""
+    tenant, secret = config.tenant, config.policy_secret
+    if not tenant.gcp_managed or secret is None:
+        return BasicAuthorizer(tenant.key, tenant.secret)
+    authorizer = InternalJWTAuthorizer(secret.kid, secret.private_key_pem, clock)
+    try:
+        authorizer.authorization()
+    except Exception as exc:  # pyjwt/cryptography raise several types for a bad key
+        raise ConfigError(config.path, "policy_secret", f"remote-service.key cannot sign: {exc}") from None
+    return authorizer
+
+
+def snapshot_path(config: Config) -> str:
+    """Where the last good product list is kept for a cold start while Apigee is unreachable."""
+    tenant = config.tenant
+    env = "multi-tenant" if tenant.multi_tenant else tenant.env_name
+    return os.path.join(config.global_.temp_dir, "products", f"{tenant.org_name}~{env}.json")
+
+
+class _Apigee:
+    """The Apigee control plane of one service: HTTP client, product poller, JWKS and key cache."""
+
+    def __init__(self, config: Config, metrics: Metrics, clock: Clock) -> None:
+        tenant, org = config.tenant, config.tenant.org_name
+        self.http = new_http_client(tenant)
+        client = ApigeeClient(
+            self.http,
+            tenant.remote_service_api,
+            authorizer_from(config, clock),
+            metrics,
+            org,
+            tenant.env_name,
+        )
+        self.catalog = ApigeeCatalog(
+            client, org, metrics, clock, config.products.refresh_rate, snapshot_path(config)
+        )
+        self.jwks = RemoteTokenKeys(client, tenant.remote_token_jwks_url, org, metrics, clock)
+        self.keys = ApiKeyCache(
+            client, self.jwks, org, metrics, clock, cache_duration=config.auth.api_key_cache_duration
+        )
+
+    async def start(self) -> list[asyncio.Task[None]]:
+        await asyncio.gather(self.catalog.load(), self.jwks.refresh())
+        return [
+            asyncio.create_task(self.catalog.run(), name="products-poller"),
+            asyncio.create_task(self.jwks.run(), name="jwks-refresh"),
+        ]
+
+    def stop(self) -> None:
+        self.catalog.stop()
+        self.jwks.stop()
+
+    async def close(self) -> None:
+        await self.keys.close()
+        await self.http.aclose()
 
 
 def _grpc_options(config: Config) -> list[tuple[str, int]]:
@@ -72,22 +141,49 @@ class Service:
         self.clock = clock or SystemClock()
         self.metrics = metrics or new_metrics()
         org = config.tenant.org_name
-        self.catalog = LocalCatalog(
-            config.tenant.catalog_file, org, self.metrics, self.clock, config.tenant.catalog_poll_interval
-        )
-        self.health = Health(lambda: self.catalog.current() is not None, self.metrics)
+        self.apigee: _Apigee | None = None
+        self.local: LocalCatalog | None = None
+        if config.standalone:
+            self.local = LocalCatalog(
+                config.tenant.catalog_file, org, self.metrics, self.clock, config.tenant.catalog_poll_interval
+            )
+            self.current_catalog: Callable[[], Catalog | None] = self.local.current
+        else:
+            self.apigee = _Apigee(config, self.metrics, self.clock)
+            self.current_catalog = self.apigee.catalog.current
+        self.health = Health(lambda: self.current_catalog() is not None, self.metrics, self._details)
         self.authorization = AuthorizationServicer(
-            self.catalog.current, policy_from(config), self.metrics, self.clock
+            self.current_catalog,
+            policy_from(config),
+            self.metrics,
+            self.clock,
+            keys=self.apigee.keys if self.apigee is not None else None,
         )
         self.grpc_port = 0
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
         self._http: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._readiness: asyncio.Task[None] | None = None
+
+    def _details(self) -> dict[str, str]:
+        if self.apigee is None:
+            return {"catalog_source": "file"}
+        if self.apigee.catalog.current() is None:
+            return {"catalog_source": "none"}
+        return {"catalog_source": "snapshot" if self.apigee.catalog.from_snapshot else "apigee"}
 
     async def start(self) -> None:
-        """Load the catalog (a bad one fails start-up with CatalogError), then open both ports."""
-        await asyncio.to_thread(self.catalog.load)
+        """Load the catalog, then open both ports.
+
+        A bad local catalog fails start-up with CatalogError. In Apigee mode start-up never waits on an
+        outage: without products (and no snapshot) the service starts unready and Check answers 503.
+        """
+        if self.local is not None:
+            await asyncio.to_thread(self.local.load)
+            self._tasks.append(asyncio.create_task(self.local.run(), name="catalog-watcher"))
+        elif self.apigee is not None:
+            self._tasks.extend(await self.apigee.start())
         credentials, http_tls = _server_tls(self.config)
         server = grpc.aio.server(options=_grpc_options(self.config))
         add_to_server(self.authorization, server)
@@ -112,7 +208,7 @@ class Service:
                 f"cannot listen on {address} (global.metrics_address): {exc.strerror}"
             ) from None
         self.http_port = self._http.sockets[0].getsockname()[1]
-        self._tasks.append(asyncio.create_task(self.catalog.run(), name="catalog-watcher"))
+        self._readiness = asyncio.create_task(self._publish_readiness(), name="readiness")
         await self.health.refresh()
         log.info(
             "serving ext_authz on %s (port %d), metrics on port %d", target, self.grpc_port, self.http_port
@@ -123,17 +219,34 @@ class Service:
         await self.health.drain()
         if self._server is not None:
             await self._server.stop(self.config.global_.graceful_shutdown_timeout)
-        self.catalog.stop()
+        if self.local is not None:
+            self.local.stop()
+        if self.apigee is not None:
+            self.apigee.stop()
+        if self._readiness is not None:
+            self._readiness.cancel()
         for task in self._tasks:
             try:
                 async with asyncio.timeout(5):
                     await task
             except TimeoutError:
                 task.cancel()
+        if self.apigee is not None:
+            await self.apigee.close()
         if self._http is not None:
             self._http.close()
             await self._http.wait_closed()
         log.info("stopped")
+
+    async def _publish_readiness(self) -> None:
+        """Follow the catalog into gRPC health: a service that started without products becomes ready
+        when the first load arrives."""
+        ready = self.health.ready
+        while True:
+            await asyncio.sleep(READINESS_POLL)
+            if self.health.ready != ready and not self.health.draining:
+                ready = self.health.ready
+                await self.health.refresh()
 
 
 async def serve(config: Config) -> int:

@@ -124,7 +124,7 @@ def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
         ),
         catalog_reloads=Counter(
             "catalog_reloads",
-            "Catalog loads by result (ok, error); an error keeps the last good catalog.",
+            "Catalog loads by result (ok, unchanged, error, snapshot_error); errors keep the last good one.",
             ["org", "result"],
             registry=registry,
         ),

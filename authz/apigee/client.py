@@ -1,6 +1,8 @@
-"""ApigeeClient: the remote-service API (products, verifyApiKey) over one httpx.AsyncClient.
+"""ApigeeClient: the remote-service API (products, verifyApiKey, the remote-token JWKS) over one
+httpx.AsyncClient.
 
-Every call carries the Authorization header from an Authorizer, has the client's timeout, is timed in
+Every call but the public JWKS carries the Authorization header from an Authorizer, has the client's
+timeout, is timed in
 ``apigee_requests_seconds{org,env,api,code,method}``, and maps failures onto the error tree:
 transport errors, timeouts, 5xx, 429 and unparseable bodies raise ``ApigeeUnavailable`` (retry later, never
 "bad key"); other 4xx raise ``ApigeeRejected``. The wire contract is reference §3.1 and §3.2.
@@ -17,11 +19,13 @@ from typing import Any
 import httpx
 
 from authz.apigee.signer import Authorizer
+from authz.config import TenantConfig
 from authz.errors import ApigeeRejected, ApigeeUnavailable
 from authz.metrics import Metrics
 
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a products list far beyond any real org
+MAX_JWKS_BYTES = 256 * 1024  # a JWKS holds a handful of keys; anything bigger is not one
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,17 @@ def tls_context(ca_file: str, cert_file: str, key_file: str, allow_unverified: b
     return context
 
 
+def new_http_client(tenant: TenantConfig) -> httpx.AsyncClient:
+    """The one HTTP client for Apigee: ``tenant.client_timeout`` per call, ``tenant.tls``, bounded pool."""
+    tls = tenant.tls
+    return httpx.AsyncClient(
+        timeout=tenant.client_timeout,
+        verify=tls_context(tls.ca_file, tls.cert_file, tls.key_file, tls.allow_unverified_ssl_cert),
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        follow_redirects=False,
+    )
+
+
 class ApigeeClient:
     def __init__(
         self, http: httpx.AsyncClient, remote_service_api: str, authorizer: Authorizer,
@@ -65,9 +80,12 @@ class ApigeeClient:
         self._org = org
         self._env = env
 
-    async def _call(self, api: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def _call(
+        self, api: str, method: str, url: str, *, authorize: bool = True, **kwargs: Any
+    ) -> httpx.Response:
         headers = {**JSON_HEADERS, **kwargs.pop("headers", {})}
-        headers["Authorization"] = self._authorizer.authorization()
+        if authorize:
+            headers["Authorization"] = self._authorizer.authorization()
         started = time.perf_counter()
         code = "error"
         try:
@@ -121,6 +139,30 @@ class ApigeeClient:
         if not isinstance(token, str) or not token:
             raise ApigeeUnavailable(f"POST verifyApiKey: HTTP {response.status_code} without a token")
         return VerifyResponse(token=token)
+
+    async def jwks(self, url: str) -> dict[str, Any]:
+        """``GET {url}``: the remote-token proxy's JWKS (``{runtime}/remote-token/certs``), as a JSON object.
+
+        The object is returned unchecked; ``jwks.RemoteTokenKeys`` picks the usable keys.
+
+        Raises:
+            ApigeeUnavailable: transport error, 5xx/408/429, another non-200, a body over 256 KiB, or a body
+                that is not a JSON object.
+            ApigeeRejected: another 4xx.
+        """
+        # A public document, maybe on another host: never send our credentials with it.
+        response = await self._call("certs", "GET", url, authorize=False)
+        status = response.status_code
+        if 400 <= status < 500:
+            raise ApigeeRejected(status, f"GET certs: HTTP {status}")
+        if status != 200:
+            raise ApigeeUnavailable(f"GET certs: HTTP {status}")
+        if len(response.content) > MAX_JWKS_BYTES:
+            raise ApigeeUnavailable(f"GET certs: body over {MAX_JWKS_BYTES} bytes")
+        body = _json(response, "certs")
+        if not isinstance(body, dict):
+            raise ApigeeUnavailable("GET certs: the body is not a JSON object")
+        return body
 
 
 def _json(response: httpx.Response, api: str) -> Any:

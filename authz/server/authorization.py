@@ -2,23 +2,26 @@
 
 No exception leaves Check: an exception reaching grpc becomes an Envoy error, which fails open under
 ``failure_mode_allow``. Anything unexpected is answered with an explicit 503 deny and counted. The request
-path does no I/O: the catalog is an in-memory snapshot and metrics are in-process counters.
+path does no I/O: the catalog is an in-memory snapshot and metrics are in-process counters. In Apigee mode
+the one exception is an API key that is not cached yet: Check waits (at most ``verify_wait``) for its
+``/verifyApiKey`` answer; past that it answers 503 while the call goes on and fills the cache.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from authz import logs
 from authz.clock import Clock
-from authz.decision.authorize import decide
-from authz.decision.model import Catalog, Decision, DenyReason, Policy
+from authz.decision.authorize import decide, requested_key
+from authz.decision.model import Catalog, Credential, Decision, DenyReason, Policy
 from authz.metrics import Metrics
 from authz.server import codec
 
@@ -31,18 +34,47 @@ _INTERNAL = Decision(reason=DenyReason.INTERNAL_ERROR)
 # random keys cannot churn the cache.
 ALLOW_CACHE_SIZE = 10_000
 _FOREVER = float("inf")
+DEFAULT_VERIFY_WAIT = 0.8  # below the 1 s ext_authz timeout of the Go adapter's sample Envoy config
+
+
+class KeySource(Protocol):
+    """API keys verified elsewhere (Apigee mode): a cheap synchronous lookup and a slow verification."""
+
+    def lookup(self, api_key: str) -> Credential | DenyReason | None: ...
+
+    async def verify(self, api_key: str) -> Credential | DenyReason: ...
+
+
+class _Allow(NamedTuple):
+    response: bytes
+    decision: Decision
+    valid_until: float
+    api_key: str | None  # with a KeySource: the key whose credential this allow stands on
+    credential: Credential | None
+
+
+def _answer(found: Credential | DenyReason) -> Callable[[str], Credential | DenyReason]:
+    return lambda _key: found
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(
-        self, catalog: Callable[[], Catalog | None], policy: Policy, metrics: Metrics, clock: Clock
+        self,
+        catalog: Callable[[], Catalog | None],
+        policy: Policy,
+        metrics: Metrics,
+        clock: Clock,
+        keys: KeySource | None = None,
+        verify_wait: float = DEFAULT_VERIFY_WAIT,
     ) -> None:
         self._catalog = catalog
         self._policy = policy
         self._metrics = metrics
         self._clock = clock
+        self._keys = keys
+        self._verify_wait = verify_wait
         self._observers: dict[tuple[str, int], Any] = {}
-        self._allows: dict[tuple[str | None, ...], tuple[bytes, Decision, float]] = {}
+        self._allows: dict[tuple[str | None, ...], _Allow] = {}
         self._allows_catalog: Catalog | None = None
 
     async def Check(self, request: Any, context: Any) -> bytes:  # noqa: N802 (gRPC method name)
@@ -57,16 +89,20 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             now = self._clock.now()
             key = codec.decision_key(request, self._policy)
             hit = self._allows.get(key) if key is not None else None
-            if hit is not None and now < hit[2]:
-                response, decision, _ = hit
+            if hit is not None and now < hit.valid_until and self._still_valid(hit):
+                response, decision = hit.response, hit.decision
             else:
                 attrs = codec.request_attrs(request)
-                decision = decide(attrs, catalog, self._policy, now)
+                api_key, found = await self._verified_key(attrs, catalog)
+                lookup = None if found is None else _answer(found)
+                decision = decide(attrs, catalog, self._policy, now, lookup)
                 response = codec.encode(decision)
                 if key is not None and decision.reason is None:
                     if len(self._allows) >= ALLOW_CACHE_SIZE:
                         self._allows.clear()
-                    self._allows[key] = (response, decision, decision.valid_until or _FOREVER)
+                    credential = found if isinstance(found, Credential) else None
+                    valid_until = decision.valid_until or _FOREVER
+                    self._allows[key] = _Allow(response, decision, valid_until, api_key, credential)
         except Exception:
             # Never log the request here: it may carry a credential.
             log.exception("Check failed; answering 503")
@@ -77,6 +113,29 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         except Exception:  # metrics or logging must never change the answer
             log.exception("recording the Check outcome failed")
         return response
+
+    def _still_valid(self, hit: _Allow) -> bool:
+        """An allow that stands on a verified key holds while the key cache returns that same credential."""
+        return hit.api_key is None or self._keys is None or self._keys.lookup(hit.api_key) is hit.credential
+
+    async def _verified_key(
+        self, attrs: Any, catalog: Catalog | None
+    ) -> tuple[str | None, Credential | DenyReason | None]:
+        """With a KeySource, the request's API key and what it stands for (verifying it if not cached)."""
+        if self._keys is None or catalog is None:
+            return None, None
+        api_key = requested_key(attrs, self._policy)
+        if not isinstance(api_key, str):
+            return None, None
+        found = self._keys.lookup(api_key)
+        if found is None:
+            pending = asyncio.ensure_future(self._keys.verify(api_key))
+            try:
+                found = await asyncio.wait_for(asyncio.shield(pending), self._verify_wait)
+            except TimeoutError:
+                # The call goes on (single flight) and fills the cache for the next request.
+                found = DenyReason.AUTH_UNAVAILABLE
+        return api_key, found
 
     def _record(self, decision: Decision, attrs: Any, elapsed: float) -> None:
         env = decision.environment or self._policy.env

@@ -18,14 +18,25 @@ SERVICES = ("", "envoy.service.auth.v3.Authorization")
 
 
 class Health:
-    def __init__(self, loaded: Callable[[], bool], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        loaded: Callable[[], bool],
+        metrics: Metrics,
+        details: Callable[[], dict[str, str]] | None = None,
+    ) -> None:
         self._loaded = loaded
         self._metrics = metrics
+        self._details = details
         self.draining = False
         self.servicer = HealthServicer()
 
     def components(self) -> dict[str, bool]:
+        """What readiness requires; each must be true."""
         return {"catalog_loaded": self._loaded(), "not_draining": not self.draining}
+
+    def details(self) -> dict[str, str]:
+        """Facts shown next to the components that do not gate readiness (for example the catalog source)."""
+        return self._details() if self._details is not None else {}
 
     @property
     def ready(self) -> bool:

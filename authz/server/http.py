@@ -38,7 +38,8 @@ class HttpEndpoints:
         if path in ("/readyz", "/healthz"):
             components = self._health.components()
             status = 200 if all(components.values()) else 503
-            return status, "application/json", json.dumps(components).encode() + b"\n"
+            body = {**components, **self._health.details()}
+            return status, "application/json", json.dumps(body).encode() + b"\n"
         return 404, "text/plain", b"not found\n"
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -78,7 +78,7 @@ async def test_health_and_http_endpoints(service, channel):
         assert (await http.get("/livez")).status_code == 200
         ready = await http.get("/readyz")
         assert ready.status_code == 200
-        assert ready.json() == {"catalog_loaded": True, "not_draining": True}
+        assert ready.json() == {"catalog_loaded": True, "not_draining": True, "catalog_source": "file"}
         assert (await http.get("/healthz")).status_code == 200
         metrics = (await http.get("/metrics")).text
         assert (
@@ -95,11 +95,11 @@ async def test_catalog_reload_and_bad_edit_keeps_last_good(service, channel, tmp
     catalog = tmp_path / "catalog.yaml"
     assert (await check(channel, request(method="POST"))).status.code == 0
     catalog.write_text(catalog_yaml(orders_methods="[GET]"))
-    assert await service.catalog.check() is True
+    assert await service.local.check() is True
     assert denied(await check(channel, request(method="POST"))) == (403, "not_authorized")
 
     catalog.write_text("products: [{name: broken, enviroments: [test]}]\n")
-    assert await service.catalog.check() is False
+    assert await service.local.check() is False
     assert (await check(channel, request())).status.code == 0  # the last good catalog still answers
     errors = service.metrics.registry.get_sample_value(
         "catalog_reloads_total", {"org": "org", "result": "error"}
@@ -107,7 +107,7 @@ async def test_catalog_reload_and_bad_edit_keeps_last_good(service, channel, tmp
     assert errors == 1.0
 
     catalog.write_text(catalog_yaml(revoke_orders=True))
-    assert await service.catalog.check() is True
+    assert await service.local.check() is True
     assert denied(await check(channel, request())) == (401, "revoked_key")
 
 

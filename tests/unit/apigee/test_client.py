@@ -108,3 +108,42 @@ def test_tls_context_defaults_to_verification():
     assert tls_context("", "", "", False) is True
     insecure = tls_context("", "", "", True)
     assert insecure.check_hostname is False
+
+
+CERTS = "http://apigee.test/remote-token/certs"
+
+
+async def test_jwks_returns_the_fake_key_set(client, fake):
+    body = await client.jwks(CERTS)
+    assert body == fake.jwks
+    assert body["keys"][0]["kid"] == fake.signing_kid
+    assert "authorization" not in fake.last_headers["certs"]  # a public document: no credentials sent
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type"),
+    [
+        (500, b'{"error":"x"}', "application/json"),
+        (429, b"{}", "application/json"),
+        (302, b"", "text/plain"),  # redirects are not followed
+        (200, b"<html>maintenance</html>", "text/html"),
+        (200, b'[{"kty":"RSA"}]', "application/json"),
+        (200, b'"keys"', "application/json"),
+        (200, b'{"keys":[], "pad":"' + b"x" * 256 * 1024 + b'"}', "application/json"),
+    ],
+    ids=["500", "429", "302", "html", "array", "string", "over-256KiB"],
+)
+async def test_jwks_unusable_answers_are_unavailable(client, fake, status, body, content_type):
+    fake.malformed_next("certs", body, status=status, content_type=content_type)
+    with pytest.raises(ApigeeUnavailable):
+        await client.jwks(CERTS)
+
+
+async def test_jwks_4xx_is_rejected_and_drop_is_unavailable(client, fake):
+    fake.fail_next("certs", 404)
+    with pytest.raises(ApigeeRejected) as info:
+        await client.jwks(CERTS)
+    assert info.value.status == 404
+    fake.drop_next("certs")
+    with pytest.raises(ApigeeUnavailable):
+        await client.jwks(CERTS)

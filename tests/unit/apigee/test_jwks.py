@@ -1,0 +1,273 @@
+"""RemoteTokenKeys: the remote-token JWKS, cached, refreshed, and used to decode verifyApiKey tokens."""
+
+import asyncio
+import base64
+import json
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+from authz.apigee.client import ApigeeClient
+from authz.apigee.jwks import BadToken, JWKSError, RemoteTokenKeys, parse_jwks
+from authz.apigee.signer import BasicAuthorizer
+from authz.metrics import new_metrics
+from tests.fakes.apigee import FakeApigee
+from tests.support.clock import FakeClock
+
+CERTS = "http://apigee.test/remote-token/certs"
+OTHER = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+THIRD = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+SMALL = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def rsa_jwk(private: rsa.RSAPrivateKey, **fields: str) -> dict:
+    return {**RSAAlgorithm.to_jwk(private.public_key(), as_dict=True), **fields}
+
+
+def ec_jwk(**fields: str) -> dict:
+    return {**ECAlgorithm.to_jwk(EC_KEY.public_key(), as_dict=True), **fields}
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def fake(clock):
+    return FakeApigee(basic_auth=("k", "s"), clock=clock.now)
+
+
+@pytest.fixture
+def metrics():
+    return new_metrics()
+
+
+@pytest.fixture
+async def keys(fake, clock, metrics):
+    async with httpx.AsyncClient(transport=fake.transport()) as http:
+        client = ApigeeClient(
+            http, "http://apigee.test/remote-service", BasicAuthorizer("k", "s"), metrics, "org", "test"
+        )
+        keys = RemoteTokenKeys(client, CERTS, "org", metrics, clock)
+        yield keys
+        await keys.close()
+
+
+def refreshes(metrics, result):
+    return metrics.registry.get_sample_value("jwks_refreshes_total", {"org": "org", "result": result}) or 0
+
+
+async def test_refresh_loads_the_key_pinned_to_its_algorithm(keys, fake, metrics):
+    assert keys.key(fake.signing_kid) is None  # nothing before the first fetch
+    assert await keys.refresh()
+    key = keys.key(fake.signing_kid)
+    assert key is not None and key.algorithm_name == "RS256"
+    assert keys.key(None) is key  # one key, token without kid
+    assert keys.key("other") is None
+    assert refreshes(metrics, "ok") == 1
+
+
+async def test_no_kid_gets_no_key_when_the_set_has_several(keys, fake):
+    fake.jwks["keys"].append(rsa_jwk(OTHER, kid="second"))
+    await keys.refresh()
+    assert keys.key("second") is not None and keys.key(fake.signing_kid) is not None
+    assert keys.key(None) is None
+
+
+def test_parse_skips_unusable_keys_one_by_one():
+    good = rsa_jwk(OTHER, kid="good", alg="RS256", use="sig")
+    document = {
+        "keys": [
+            "not an object",
+            {"kty": "oct", "kid": "hmac", "k": base64.urlsafe_b64encode(b"s" * 32).decode()},
+            rsa_jwk(OTHER, kid="enc", use="enc"),
+            rsa_jwk(OTHER, kid="hs", alg="HS256"),
+            rsa_jwk(OTHER, kid="none", alg="none"),
+            rsa_jwk(OTHER, kid="alg-list", alg=["RS256"]),
+            {"kty": "OKP", "kid": "ed", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"},
+            rsa_jwk(SMALL, kid="small"),
+            RSAAlgorithm.to_jwk(OTHER, as_dict=True) | {"kid": "private"},
+            ec_jwk(kid="ec-mismatch", alg="ES384"),
+            rsa_jwk(OTHER, kid="rsa-as-ec", alg="ES256"),
+            rsa_jwk(OTHER, kid=7),
+            {"kty": "RSA", "kid": "broken", "n": "AQAB"},
+            good,
+            rsa_jwk(OTHER, kid="good", alg="PS256"),  # a kid listed twice: the first stays
+            rsa_jwk(OTHER, kid="no-alg"),
+            rsa_jwk(OTHER, kid="ps", alg="PS384"),
+            ec_jwk(kid="ec"),
+        ]
+    }
+    found = {key.key_id: key.algorithm_name for key in parse_jwks(document)}
+    assert found == {"good": "RS256", "no-alg": "RS256", "ps": "PS384", "ec": "ES256"}
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{}, {"keys": {}}, {"keys": []}, {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}, {"keys": [{}] * 101}],
+    ids=["no-keys", "keys-object", "empty", "only-hmac", "too-many"],
+)
+def test_parse_refuses_a_set_without_usable_keys(document):
+    with pytest.raises(JWKSError):
+        parse_jwks(document)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        lambda f: f.fail_next("certs", 500),
+        lambda f: f.fail_next("certs", 403),
+        lambda f: f.drop_next("certs"),
+        lambda f: f.malformed_next("certs", b"<html>hi</html>", content_type="text/html"),
+        lambda f: f.malformed_next("certs", b"[]"),
+        lambda f: f.malformed_next("certs", b'{"keys": []}'),
+        lambda f: f.malformed_next("certs", b'{"keys": [], "x": "' + b"x" * 300_000 + b'"}'),
+    ],
+    ids=["500", "403", "dropped", "html", "array", "empty", "oversize"],
+)
+async def test_a_failed_refresh_keeps_the_last_good_keys(keys, fake, metrics, fault):
+    await keys.refresh()
+    good = keys.key(fake.signing_kid)
+    fault(fake)
+    assert not await keys.refresh()
+    assert keys.key(fake.signing_kid) is good
+    assert (refreshes(metrics, "ok"), refreshes(metrics, "error")) == (1, 1)
+
+
+async def test_unknown_kid_refetches_at_most_once_per_cooldown(keys, fake, clock):
+    await keys.refresh()
+    assert fake.calls["certs"] == 1
+    assert await keys.key_for(fake.signing_kid) is not None  # known: no fetch
+    assert await keys.key_for("random-1") is None  # the initial fetch is within the cooldown
+    assert fake.calls["certs"] == 1
+    clock.advance(30)
+    results = await asyncio.gather(*(keys.key_for(f"random-{i}") for i in range(50)))
+    assert results == [None] * 50
+    assert fake.calls["certs"] == 2  # one shared fetch for 50 concurrent unknown kids
+    clock.advance(29)
+    assert await keys.key_for("random-x") is None
+    assert fake.calls["certs"] == 2
+
+
+async def test_rotation_a_new_kid_is_found_after_one_refetch(keys, fake, clock):
+    await keys.refresh()
+    old = fake.signing_kid
+    fake.jwks = {"keys": [rsa_jwk(OTHER, kid="2025-01-01T00:00:00Z", alg="RS256")]}
+    clock.advance(30)
+    assert await keys.key_for("2025-01-01T00:00:00Z") is not None
+    assert keys.key(old) is None  # a removed key is gone after the refresh
+    assert fake.calls["certs"] == 2
+
+
+async def test_first_use_fetches_when_nothing_is_loaded(keys, fake):
+    assert await keys.key_for(fake.signing_kid) is not None
+    assert fake.calls["certs"] == 1
+
+
+async def test_run_fetches_then_stops_and_close_abandons_a_fetch(keys, fake):
+    runner = asyncio.create_task(keys.run())
+    while fake.calls["certs"] == 0:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    keys.stop()
+    await runner
+    assert keys.key(fake.signing_kid) is not None
+    fake.set_delay("certs", 60)  # cancelled by close(), never waited for
+    pending = asyncio.create_task(keys.refresh())
+    while fake.calls["certs"] == 1:
+        await asyncio.sleep(0)
+    await keys.close()
+    assert await pending is False
+
+
+async def test_run_survives_failures(keys, fake, metrics):
+    fake.fail_next("certs", 500)
+    runner = asyncio.create_task(keys.run())
+    while refreshes(metrics, "error") == 0:
+        await asyncio.sleep(0)
+    assert not runner.done()
+    keys.stop()
+    await runner
+
+
+def sign(claims, key=OTHER, alg="RS256", kid="test", headers=None):
+    return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid, **(headers or {})})
+
+
+@pytest.fixture
+async def loaded(keys, fake):
+    fake.jwks["keys"].append(rsa_jwk(OTHER, kid="test", alg="RS256"))
+    await keys.refresh()
+    return keys
+
+
+def claims(clock, **extra):
+    now = int(clock.now())
+    return {"aud": "remote-service-client", "iat": now, "nbf": now, "exp": now + 900, **extra}
+
+
+async def test_decode_accepts_a_good_token_and_ignores_iss(loaded, clock):
+    token = sign(
+        claims(clock, iss="https://some.host/remote-service/verifyApiKey", aud=["x", "remote-service-client"])
+    )
+    assert (await loaded.decode(token, 10))["iss"].startswith("https://")
+
+
+async def test_decode_leeway_on_exp_nbf_iat(loaded, clock):
+    now = int(clock.now())
+    assert await loaded.decode(sign(claims(clock, exp=now - 9)), 10)
+    assert await loaded.decode(sign(claims(clock, nbf=now + 9, iat=now + 9)), 10)
+    with pytest.raises(BadToken):
+        await loaded.decode(sign(claims(clock, exp=now - 10)), 10)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge(header: dict, payload: dict, alg="RS256") -> str:
+    """A token PyJWT refuses to encode, signed with OTHER (or not at all for alg none)."""
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    if alg == "none":
+        return signing_input + "."
+    algorithm = RSAAlgorithm(RSAAlgorithm.SHA256)
+    return f"{signing_input}.{b64(algorithm.sign(signing_input.encode(), OTHER))}"
+
+
+def bad_tokens(clock):
+    now = int(clock.now())
+    good = claims(clock)
+    no_exp = {k: v for k, v in good.items() if k != "exp"}
+    return {
+        "bad-signature": sign(good, key=THIRD),
+        "alg-none": forge({"alg": "none", "typ": "JWT", "kid": "test"}, good, alg="none"),
+        "hs256": sign(good, key="secret-secret-secret-secret-secret", alg="HS256"),
+        "rs512-for-rs256-key": sign(good, alg="RS512"),
+        "no-exp": sign(no_exp),
+        "expired": sign({**good, "exp": now - 60}),
+        "exp-string": sign({**good, "exp": str(now + 900)}),
+        "exp-bool": sign({**good, "exp": True}),
+        "exp-huge": sign({**good, "exp": 10**400}),
+        "nbf-future": sign({**good, "nbf": now + 60}),
+        "iat-future": sign({**good, "iat": now + 60}),
+        "wrong-aud": sign({**good, "aud": "someone-else"}),
+        "no-aud": sign({k: v for k, v in good.items() if k != "aud"}),
+        "unknown-kid": sign(good, kid="unknown"),
+        "kid-not-string": forge({"alg": "RS256", "kid": 5}, good),
+        "kid-too-long": sign(good, kid="k" * 300),
+        "garbage": "not.a.jwt",
+        "two-segments": "abc.def",
+        "huge": "a" * 20_000,
+    }
+
+
+@pytest.mark.parametrize("name", list(bad_tokens(FakeClock())))
+async def test_decode_rejects(loaded, clock, name):
+    with pytest.raises(BadToken) as info:
+        await loaded.decode(bad_tokens(clock)[name], 10)
+    assert "eyJ" not in str(info.value)  # the message never carries the token
