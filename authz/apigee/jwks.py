@@ -119,6 +119,11 @@ def parse_jwks(document: Mapping[str, Any]) -> list[jwt.PyJWK]:
     return keys
 
 
+# After a failed fetch (Apigee was down), a token whose kid we lack may refetch after this long, and the
+# background loop retries this often: one fetch a second at most, and recovery within a second or two.
+RETRY_AFTER_FAILURE = 1.0
+
+
 class RemoteTokenKeys:
     def __init__(
         self, client: ApigeeClient, url: str, org: str, metrics: Metrics, clock: Clock,
@@ -135,6 +140,7 @@ class RemoteTokenKeys:
         self._sole: jwt.PyJWK | None = None
         self._count = 0
         self._fetched_at = float("-inf")  # monotonic start of the last fetch, good or not
+        self._last_ok = False  # after a failed fetch, unknown kids may retry sooner (RETRY_AFTER_FAILURE)
         self._inflight: asyncio.Task[bool] | None = None
         self._stopped = asyncio.Event()
 
@@ -147,7 +153,8 @@ class RemoteTokenKeys:
         key = self.key(kid)
         if key is not None:
             return key
-        if self._inflight is None and self._clock.monotonic() - self._fetched_at < self._cooldown:
+        cooldown = self._cooldown if self._last_ok else min(self._cooldown, RETRY_AFTER_FAILURE)
+        if self._inflight is None and self._clock.monotonic() - self._fetched_at < cooldown:
             return None
         await self.refresh()
         return self.key(kid)
@@ -203,6 +210,7 @@ class RemoteTokenKeys:
         try:
             keys = parse_jwks(await self._client.jwks(self._url))
         except Exception as exc:
+            self._last_ok = False
             self._error.inc()
             log.warning(
                 "JWKS fetch failed, keeping %d keys: %s", self._count, exc,
@@ -212,6 +220,7 @@ class RemoteTokenKeys:
         self._by_kid = {k.key_id: k for k in keys if k.key_id is not None}
         self._sole = keys[0] if len(keys) == 1 else None
         self._count = len(keys)
+        self._last_ok = True
         self._ok.inc()
         log.debug("JWKS loaded: %d keys", len(keys))
         return True
@@ -220,7 +229,7 @@ class RemoteTokenKeys:
         """Fetch now, then every ``refresh_interval`` (after a failure, every cooldown) until ``stop()``."""
         while not self._stopped.is_set():
             ok = await self.refresh()
-            delay = self._refresh_interval if ok else min(self._refresh_interval, self._cooldown)
+            delay = self._refresh_interval if ok else min(self._refresh_interval, RETRY_AFTER_FAILURE)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay * (1 + JITTER * (2 * _jitter() - 1))):
                     await self._stopped.wait()

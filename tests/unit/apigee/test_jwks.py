@@ -271,3 +271,16 @@ async def test_decode_rejects(loaded, clock, name):
     with pytest.raises(BadToken) as info:
         await loaded.decode(bad_tokens(clock)[name], 10)
     assert "eyJ" not in str(info.value)  # the message never carries the token
+
+
+async def test_after_a_failed_fetch_an_unknown_kid_retries_within_a_second(keys, fake, clock):
+    fake.drop_next("certs")  # Apigee was down when the service started
+    assert not await keys.refresh()
+    assert await keys.key_for(fake.signing_kid) is None  # within a second of the failure: no new fetch
+    assert fake.calls["certs"] == 1  # the dropped one
+    clock.advance(1)
+    assert await keys.key_for(fake.signing_kid) is not None  # Apigee is back: found without waiting 30 s
+    assert fake.calls["certs"] == 2
+    clock.advance(1)
+    assert await keys.key_for("random") is None  # a good set again: the long cooldown applies
+    assert fake.calls["certs"] == 2
