@@ -58,9 +58,16 @@ class ApigeeError(AuthzError):
 
 
 class ApigeeUnavailable(ApigeeError):
-    """Retryable: the call failed in transport, timed out, or Apigee answered 5xx, 429 or garbage."""
+    """Retryable: the call failed in transport, timed out, or Apigee answered 5xx, 429 or garbage.
+
+    ``retry_after`` is Apigee's own hint (a ``Retry-After`` header), in seconds, when it gave one.
+    """
 
     code = "apigee_unavailable"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class ApigeeRejected(ApigeeError):

@@ -99,6 +99,7 @@ class ApigeeCatalog:
         self._etag: str | None = None
         self._from_snapshot = False
         self._failures = 0  # failed polls in a row
+        self._retry_after = 0.0  # Apigee's Retry-After on the last failure, seconds
         self._stopped = asyncio.Event()
 
     def current(self) -> Catalog | None:
@@ -116,7 +117,8 @@ class ApigeeCatalog:
         else:
             first = min(INITIAL_BACKOFF, self._refresh_rate)
             base = min(self._refresh_rate, first * 2.0 ** min(self._failures - 1, 32))
-        return base * (1 + JITTER * (2 * self._random() - 1))
+        jittered = base * (1 + JITTER * (2 * self._random() - 1))
+        return max(jittered, self._retry_after)  # Apigee asked us to wait (429/503 Retry-After)
 
     async def load(self) -> None:
         """First fetch at start-up. Never raises: if Apigee fails, serves the disk snapshot, if any."""
@@ -136,6 +138,7 @@ class ApigeeCatalog:
                 catalog = await asyncio.to_thread(build_catalog, response.products, self._clock.now())
         except Exception as exc:
             self._failures += 1
+            self._retry_after = (exc.retry_after or 0.0) if isinstance(exc, ApigeeUnavailable) else 0.0
             self._metrics.catalog_reloads.labels(self._org, "error").inc()
             kept = "keeping the last good catalog" if self._snapshot is not None else "no catalog yet"
             log.warning(
@@ -144,6 +147,7 @@ class ApigeeCatalog:
             )  # fmt: skip
             return False
         self._failures = 0
+        self._retry_after = 0.0
         if catalog is None:
             self._metrics.catalog_reloads.labels(self._org, "unchanged").inc()
             self._metrics.catalog_loaded_timestamp.labels(self._org).set(self._clock.now())  # still current

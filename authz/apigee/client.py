@@ -10,6 +10,7 @@ transport errors, timeouts, 5xx, 429 and unparseable bodies raise ``ApigeeUnavai
 
 from __future__ import annotations
 
+import email.utils
 import json
 import ssl
 import time
@@ -98,7 +99,7 @@ class ApigeeClient:
             self._metrics.apigee_requests.labels(self._org, self._env, api, code, method).observe(elapsed)
         status = response.status_code
         if status >= 500 or status in (408, 429):
-            raise ApigeeUnavailable(f"{method} {api}: HTTP {status}")
+            raise ApigeeUnavailable(f"{method} {api}: HTTP {status}", retry_after(response))
         if len(response.content) > MAX_BODY_BYTES:
             raise ApigeeUnavailable(f"{method} {api}: body over {MAX_BODY_BYTES} bytes")
         return response
@@ -163,6 +164,25 @@ class ApigeeClient:
         if not isinstance(body, dict):
             raise ApigeeUnavailable("GET certs: the body is not a JSON object")
         return body
+
+
+MAX_RETRY_AFTER = 600.0  # a hint longer than this is capped: we never go quiet for longer
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP date), capped; None when absent or unreadable."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(when.timestamp() - time.time(), 0.0), MAX_RETRY_AFTER)
 
 
 def _json(response: httpx.Response, api: str) -> Any:

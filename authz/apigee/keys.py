@@ -26,7 +26,7 @@ from authz.clock import Clock
 from authz.decision.authorize import key_digest
 from authz.decision.claims import product_list
 from authz.decision.model import Credential, DenyReason
-from authz.errors import ApigeeError
+from authz.errors import ApigeeError, ApigeeUnavailable
 from authz.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,7 @@ class ApiKeyCache:
         return self._failures > 0 and (self._probing or self._clock.monotonic() < self._retry_at)
 
     async def _verify_once(self, api_key: str) -> Credential | DenyReason:
+        hint: float | None = None  # Apigee's Retry-After, if it sent one
         try:
             if self._refusing():
                 result = "refused"
@@ -212,6 +213,7 @@ class ApiKeyCache:
                 return self._set_positive(api_key, found, claims["exp"] - self._clock.now())
         except ApigeeError as exc:
             result = "unavailable"
+            hint = exc.retry_after if isinstance(exc, ApigeeUnavailable) else None
             log.warning("verifyApiKey failed: %s", exc)
         except BadToken as exc:
             result = "bad_token"
@@ -222,7 +224,8 @@ class ApiKeyCache:
         if result != "refused":
             self._failures += 1
             delay = min(RETRY_MAX, RETRY_FIRST * 2.0 ** min(self._failures - 1, 32))
-            self._retry_at = self._clock.monotonic() + delay * (1 + JITTER * (2 * _jitter() - 1))
+            delay *= 1 + JITTER * (2 * _jitter() - 1)
+            self._retry_at = self._clock.monotonic() + max(delay, min(hint or 0.0, RETRY_MAX))
         self._outcomes[result].inc()
         return self._keep_stale(api_key)
 

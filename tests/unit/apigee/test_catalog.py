@@ -442,3 +442,13 @@ async def test_stop_interrupts_the_wait_and_a_poll_in_flight(make, fake):
     async with asyncio.timeout(1):
         await task
     assert polling.current() is None
+
+
+@pytest.mark.parametrize(("header", "delay"), [("30", 30.0), ("0", 1.0), ("99999", 600.0), ("soon", 1.0)])
+async def test_retry_after_lengthens_the_backoff(make, fake, header, delay):
+    catalog = make()
+    fake.fail_next("products", 429, headers={"Retry-After": header})
+    assert not await catalog.refresh()
+    assert catalog.next_delay() == delay
+    assert await catalog.refresh()
+    assert catalog.next_delay() == 120.0  # the hint is forgotten after a success

@@ -147,3 +147,25 @@ async def test_jwks_4xx_is_rejected_and_drop_is_unavailable(client, fake):
     fake.drop_next("certs")
     with pytest.raises(ApigeeUnavailable):
         await client.jwks(CERTS)
+
+
+def _response(value):
+    import httpx
+
+    return httpx.Response(503, headers={"Retry-After": value} if value is not None else {})
+
+
+def test_retry_after_forms():
+    import email.utils
+    import time
+
+    from authz.apigee.client import retry_after
+
+    assert retry_after(_response("12")) == 12.0
+    assert retry_after(_response("100000")) == 600.0
+    assert retry_after(_response(None)) is None
+    assert retry_after(_response("soon")) is None
+    assert retry_after(_response("Wed, 21 Oct 2015 07:28:00")) is None  # not a valid HTTP date
+    assert retry_after(_response("Wed, 21 Oct 2015 07:28:00 GMT")) == 0.0  # in the past
+    future = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 < retry_after(_response(future)) <= 60

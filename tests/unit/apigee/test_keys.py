@@ -393,3 +393,13 @@ async def test_close_cancels_calls_in_flight(make, fake):
         await asyncio.sleep(0)
     await cache.close()
     assert await waiting is DenyReason.AUTH_UNAVAILABLE
+
+
+async def test_retry_after_holds_new_keys_back_up_to_ten_seconds(cache, fake, clock):
+    fake.fail_next("verifyApiKey", 503, headers={"Retry-After": "7"})
+    assert await cache.verify(KEY) is DenyReason.AUTH_UNAVAILABLE
+    clock.advance(6.5)
+    assert await cache.verify("another-key") is DenyReason.AUTH_UNAVAILABLE
+    assert fake.calls["verifyApiKey"] == 1  # refused: Apigee asked for 7 s
+    clock.advance(1)
+    assert isinstance(await cache.verify(KEY), Credential)
