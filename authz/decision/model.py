@@ -105,7 +105,7 @@ class Credential:
     """One API key of one app, as the local catalog (or a key index) knows it. Never holds the key itself."""
 
     key_sha256: str  # lowercase hex
-    client_id: str  # safe to log and export: an identifier, never the key
+    client_id: str  # standalone: a digest prefix; Apigee: its client_id, the consumer key itself: never log
     app_name: str
     developer_email: str
     products: tuple[str, ...]
