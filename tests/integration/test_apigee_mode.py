@@ -288,3 +288,16 @@ async def test_revoked_key_stops_within_one_refresh(start, apigee):
     apigee.fake.revoke_key(ORDERS_KEY)
     result = await eventually(lambda: _outcome_of(service, request()), (401, "unknown_key"), deadline=8.0)
     assert result == (401, "unknown_key")
+
+
+async def test_a_policy_key_that_cannot_sign_fails_start(apigee, tmp_path):
+    from authz.errors import ConfigError
+
+    secret_dir = tmp_path / "policy-secret"
+    (secret_dir / "remote-service.key").write_text(
+        "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n"
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(apigee_config_yaml(apigee.remote_service_url, str(tmp_path / "tmp")))
+    with pytest.raises(ConfigError, match="policy_secret: remote-service.key cannot sign"):
+        Service(load_config(config, policy_secret_dir=str(secret_dir)))

@@ -169,3 +169,13 @@ def test_retry_after_forms():
     assert retry_after(_response("Wed, 21 Oct 2015 07:28:00 GMT")) == 0.0  # in the past
     future = email.utils.formatdate(time.time() + 60, usegmt=True)
     assert 55 < retry_after(_response(future)) <= 60
+
+
+async def test_new_http_client_applies_the_tenant_timeout():
+    from authz.apigee.client import new_http_client
+    from authz.config import TenantConfig, TenantTLS
+
+    tenant = TenantConfig(client_timeout=2.5, tls=TenantTLS(allow_unverified_ssl_cert=True))
+    async with new_http_client(tenant) as http:
+        assert http.timeout == httpx.Timeout(2.5)
+        assert not http.follow_redirects  # a redirect would carry our credentials elsewhere
