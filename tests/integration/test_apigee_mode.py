@@ -5,21 +5,19 @@ a directory, so every call to the fake carries our internal JWT, which the fake 
 """
 
 import asyncio
-import json
 import time
 
 import grpc
 import httpx
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc
-from google.protobuf import struct_pb2
 
 from authz.app import Service
 from authz.config import load_config
 from authz.server import codec
 from tests.fakes.apigee import FakeApigee
 from tests.support.apigee_config import apigee_config_yaml, write_policy_secret
+from tests.support.check_requests import check_request, outcome
 
 pytestmark = pytest.mark.integration
 
@@ -93,30 +91,13 @@ async def start(apigee, tmp_path):
         await service.stop()
 
 
-def request(path="/v1/orders/1", method="GET", key=ORDERS_KEY, api="orders-api", ext=None, claims=None):
-    req = pb.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.path = method, path
-    http.headers[":authority"] = api
-    if key is not None:
-        http.headers["x-api-key"] = key
-    req.attributes.context_extensions.update(ext or {})
-    if claims is not None:
-        struct = struct_pb2.Struct()
-        struct.update({"apigee": claims})
-        req.attributes.metadata_context.filter_metadata[codec.JWT_AUTHN].CopyFrom(struct)
-    return req
+def request(key=ORDERS_KEY, **kwargs):
+    return check_request(key=key, **kwargs)
 
 
 async def check(service, req):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
         return await external_auth_pb2_grpc.AuthorizationStub(channel).Check(req, timeout=5)
-
-
-def outcome(response):
-    if response.status.code == 0:
-        return 200, ""
-    return response.denied_response.status.code, json.loads(response.denied_response.body)["reason"]
 
 
 async def readyz(service):

@@ -1,11 +1,8 @@
 """The service in process: a real grpc.aio server on loopback, driven by a gRPC client stub."""
 
-import json
-
 import grpc
 import httpx
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -13,6 +10,7 @@ from authz.app import Service
 from authz.config import load_config
 from authz.server import codec
 from tests.support.catalogs import LEGACY_KEY, ORDERS_KEY, REVOKED_KEY, catalog_yaml, config_yaml
+from tests.support.check_requests import check_request, outcome
 
 pytestmark = pytest.mark.integration
 
@@ -35,15 +33,8 @@ async def channel(service):
         yield ch
 
 
-def request(path="/v1/orders/1", method="GET", key=ORDERS_KEY, api="orders-api", headers=None):
-    req = pb.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.path = method, path
-    http.headers[":authority"] = api
-    if key is not None:
-        http.headers["x-api-key"] = key
-    http.headers.update(headers or {})
-    return req
+def request(key=ORDERS_KEY, **kwargs):
+    return check_request(key=key, **kwargs)
 
 
 async def check(channel, req):
@@ -51,7 +42,7 @@ async def check(channel, req):
 
 
 def denied(response):
-    return response.denied_response.status.code, json.loads(response.denied_response.body)["reason"]
+    return outcome(response)
 
 
 async def test_allow_and_denies(channel):
