@@ -5,10 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint typecheck bench clean
+.PHONY: help install run run-apigee test lint typecheck bench clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ install: $(STAMP) ## create .venv and install the service with its test extra (a
 
 run: $(STAMP) ## start the local stack: authz (standalone demo catalog) + Envoy sidecar + demo upstream
 	$(PY) -m devstack
+
+run-apigee: $(STAMP) ## the local stack with authz in Apigee mode, against a fake Apigee (demo products and key)
+	$(PY) -m devstack --apigee
 
 lint: $(STAMP) ## ruff lint and format check
 	$(PY) -m ruff check .
@@ -35,7 +38,7 @@ test: $(STAMP) ## lint, typecheck and the whole test suite (unit, integration, E
 	$(PY) -m pytest --cov --cov-report=term
 	$(PY) -m coverage report --include='authz/decision/*' --fail-under=100 --skip-covered  # the pure core: every branch
 
-bench: $(STAMP) ## Envoy direct vs Envoy + no-op Python servicer vs Envoy + authz (needs wrk; installs it with apt-get)
+bench: $(STAMP) ## Envoy direct vs + no-op Python servicer vs + authz, standalone and Apigee mode (needs wrk; apt-get installs it)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m loadtest.bench
 

@@ -1,14 +1,20 @@
 """``make run``: the local stack. authz (standalone, demo catalog) + Envoy sidecar + an echo upstream.
 
+``make run-apigee`` (``python -m devstack --apigee``): the same stack with authz in Apigee mode, against a
+FakeApigee subprocess (``python -m tests.fakes.apigee``) that serves the demo catalog's products and
+verifies the demo key; authz signs its calls with a policy secret written to the work dir.
+
 Envoy listens on 127.0.0.1:8080 if that port is free, else on a free port. Environment overrides:
 ``DEVSTACK_LISTEN_PORT``, ``DEVSTACK_ADMIN_PORT``, ``DEVSTACK_AUTHZ_PORT``, ``DEVSTACK_METRICS_PORT``,
-``DEVSTACK_UPSTREAM_PORT``. Every route carries the API name ``orders-api`` (ext_authz context extension
-``apigee_api``). Logs and the generated configs go to a temp dir, printed at start. Ctrl-C or SIGTERM
-stops Envoy, then authz, then the upstream, each by PID.
+``DEVSTACK_UPSTREAM_PORT``, ``DEVSTACK_APIGEE_PORT`` (the fake). Every route carries the API name
+``orders-api`` (ext_authz context extension ``apigee_api``). Logs and the generated configs go to a temp
+dir, printed at start. Ctrl-C or SIGTERM stops Envoy, then authz, then the fake and the upstream, each by
+PID.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import signal
@@ -17,17 +23,30 @@ import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from devstack.procs import StartupError, free_port, port_is_free
+import yaml
+
+from devstack.apigee import (
+    EXT_AUTHZ_TIMEOUT,
+    FakeApigeeProc,
+    FakeKey,
+    apigee_overrides,
+    start_fake_apigee,
+    write_policy_secret,
+)
+from devstack.procs import Proc, StartupError, free_port, port_is_free
 from devstack.stack import Stack, start_stack
 from devstack.upstream import EchoUpstream
 
-# A public demo credential, valid only against devstack/demo/catalog.yaml (which holds its SHA-256).
+# A public demo credential, valid only against devstack/demo/catalog.yaml (which holds its SHA-256) and
+# the fake Apigee of `make run-apigee`.
 DEMO_KEY = "demo-key-9b1d7c2e4f6a8035"
 DEMO_CATALOG = Path(__file__).resolve().parent / "demo" / "catalog.yaml"
 DEMO_API = "orders-api"
 DEFAULT_LISTEN_PORT = 8080
 WATCH_INTERVAL = 1.0  # seconds between liveness checks of the children while running
+APIGEE_METRICS = "^(api_key_[a-z_]+_total|catalog_from_snapshot|products_cached)"  # for the banner's grep
 
 
 def _port_from_env(name: str, default: int | None = None) -> int:
@@ -46,15 +65,38 @@ def _check_demo_key() -> None:
         raise SystemExit(f"{DEMO_CATALOG}: no credential with sha256(DEMO_KEY) = {digest}")
 
 
-def _banner(stack: Stack, upstream: EchoUpstream, work_dir: Path) -> str:
+def _start_fake(work_dir: Path) -> tuple[FakeApigeeProc, Path]:
+    """The fake Apigee with the demo catalog's products and DEMO_KEY (the demo app's products), and the
+    policy secret directory for authz."""
+    catalog = yaml.safe_load(DEMO_CATALOG.read_text())
+    app = catalog["developers"][0]["apps"][0]
+    key = FakeKey(DEMO_KEY, app["name"], catalog["developers"][0]["email"], tuple(app["products"]))
+    secret = write_policy_secret(work_dir / "policy-secret")
+    port = int(os.environ["DEVSTACK_APIGEE_PORT"]) if os.environ.get("DEVSTACK_APIGEE_PORT") else None
+    fake = start_fake_apigee(work_dir, catalog["products"], [key], secret.jwks, port=port)
+    return fake, secret.directory
+
+
+def _banner(stack: Stack, upstream: EchoUpstream, work_dir: Path, fake: FakeApigeeProc | None) -> str:
     url = stack.url
+    if fake is None:
+        mode = "standalone: demo catalog"
+        apigee = ""
+        more = ""
+    else:
+        mode = "Apigee mode: products and key checks from the fake Apigee"
+        apigee = f"\n  fake Apigee      {fake.remote_service_url}   (log {fake.proc.log_path})"
+        more = f"""
+  # where the catalog comes from (apigee), and the key cache at work
+  curl -s {stack.metrics_url}/readyz
+  curl -s {stack.metrics_url}/metrics | grep -E '{APIGEE_METRICS}'"""
     return f"""
-authz demo stack is up (org demo, env test, API {DEMO_API!r} set by the Envoy route).
+authz demo stack is up ({mode}; org demo, env test, API {DEMO_API!r} set by the Envoy route).
   Envoy listener   {url}
   Envoy admin      {stack.admin_url}
   authz gRPC       127.0.0.1:{stack.api_port}
   authz metrics    {stack.metrics_url}/metrics   (/readyz /livez /healthz)
-  echo upstream    {upstream.url}
+  echo upstream    {upstream.url}{apigee}
   logs and configs {work_dir}
 
 Try:
@@ -67,12 +109,50 @@ Try:
   # an unknown key: 401
   curl -i -H 'x-api-key: wrong-key' {url}/v1/orders
   # Prometheus metrics
-  curl -s {stack.metrics_url}/metrics
+  curl -s {stack.metrics_url}/metrics{more}
 
 Ctrl-C to stop."""
 
 
-def main() -> int:
+def _stack_options(fake: FakeApigeeProc | None, policy_secret: Path | None) -> dict[str, Any]:
+    """start_stack keyword arguments: fixed or free ports, and Apigee mode when there is a fake."""
+    options: dict[str, Any] = {
+        "api_name": DEMO_API,
+        "listen_port": _port_from_env("DEVSTACK_LISTEN_PORT", DEFAULT_LISTEN_PORT),
+        "admin_port": _port_from_env("DEVSTACK_ADMIN_PORT"),
+        "api_port": _port_from_env("DEVSTACK_AUTHZ_PORT"),
+        "metrics_port": _port_from_env("DEVSTACK_METRICS_PORT"),
+    }
+    if fake is not None:
+        options.update(
+            overrides=apigee_overrides(fake.remote_service_url),
+            envoy_vars={"EXT_AUTHZ_TIMEOUT": EXT_AUTHZ_TIMEOUT},
+            policy_secret_dir=policy_secret,
+        )
+    return options
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m devstack", description="authz + Envoy + demo upstream")
+    parser.add_argument(
+        "--apigee", action="store_true", help="Apigee mode, against a fake Apigee (default: standalone)"
+    )
+    return parser.parse_args(argv)
+
+
+def _watch(stop: threading.Event, procs: list[Proc]) -> int:
+    """Wait for ``stop``; 1 as soon as a child exits on its own."""
+    while not stop.wait(WATCH_INTERVAL):
+        for proc in procs:
+            if not proc.alive():
+                tail = proc.log_tail()
+                print(f"\n{proc.name} exited with code {proc.returncode}:\n{tail}", file=sys.stderr)
+                return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     _check_demo_key()
     work_dir = Path(tempfile.mkdtemp(prefix="authz-devstack-"))
     print(f"logs and configs: {work_dir}", flush=True)
@@ -86,18 +166,14 @@ def main() -> int:
         stop.set()
 
     upstream = EchoUpstream(port=int(os.environ.get("DEVSTACK_UPSTREAM_PORT", "0")))
+    fake: FakeApigeeProc | None = None
     try:
         try:
-            stack = start_stack(
-                work_dir,
-                DEMO_CATALOG,
-                upstream.port,
-                api_name=DEMO_API,
-                listen_port=_port_from_env("DEVSTACK_LISTEN_PORT", DEFAULT_LISTEN_PORT),
-                admin_port=_port_from_env("DEVSTACK_ADMIN_PORT"),
-                api_port=_port_from_env("DEVSTACK_AUTHZ_PORT"),
-                metrics_port=_port_from_env("DEVSTACK_METRICS_PORT"),
-            )
+            policy_secret = None
+            if args.apigee:
+                fake, policy_secret = _start_fake(work_dir)
+            catalog = None if fake is not None else DEMO_CATALOG
+            stack = start_stack(work_dir, catalog, upstream.port, **_stack_options(fake, policy_secret))
         except StartupError as exc:
             print(f"\nstart-up failed: {exc}", file=sys.stderr)
             return 1
@@ -107,19 +183,16 @@ def main() -> int:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         try:
-            print(_banner(stack, upstream, work_dir), flush=True)
-            while not stop.wait(WATCH_INTERVAL):
-                for proc in (stack.authz_proc, stack.envoy_proc):
-                    if not proc.alive():
-                        print(
-                            f"\n{proc.name} exited with code {proc.returncode}:\n{proc.log_tail()}",
-                            file=sys.stderr,
-                        )
-                        return 1
+            print(_banner(stack, upstream, work_dir, fake), flush=True)
+            procs = [stack.authz_proc, stack.envoy_proc] + ([fake.proc] if fake is not None else [])
+            if _watch(stop, procs):
+                return 1
             print("\nstopping...", flush=True)
         finally:
             stack.close()
     finally:
+        if fake is not None:
+            fake.proc.stop()
         upstream.close()
     print(f"stopped; logs kept in {work_dir}")
     return 0

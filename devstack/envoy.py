@@ -27,7 +27,7 @@ EXT_AUTHZ_PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ex
 DEFAULT_VARS: dict[str, str] = {
     "AUTHZ_HOST": "127.0.0.1",
     "UPSTREAM_HOST": "127.0.0.1",
-    "EXT_AUTHZ_TIMEOUT": "0.5s",
+    "EXT_AUTHZ_TIMEOUT": "1s",  # the Go adapter samples; above auth.api_key_verify_wait (800ms)
     "HEALTH_INTERVAL": "1s",
 }
 

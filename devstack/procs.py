@@ -141,14 +141,15 @@ class Proc:
         return f"Proc({self.name!r}, pid={self.pid}, returncode={self.returncode})"
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """GET ``url`` and return (status, body); HTTP error statuses are returned, not raised.
+def http_get(url: str, timeout: float = 2.0, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+    """GET ``url`` (with ``headers``) and return (status, body); HTTP error statuses are returned, not raised.
 
     Raises:
         OSError: the connection failed (refused, reset, timed out).
     """
+    request = urllib.request.Request(url, headers=dict(headers or {}))
     try:
-        with _OPENER.open(url, timeout=timeout) as resp:
+        with _OPENER.open(request, timeout=timeout) as resp:
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
         with exc:

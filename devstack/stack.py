@@ -1,11 +1,14 @@
 """authz + Envoy sidecar in front of an upstream, as child processes on free loopback ports.
 
-Shared by ``python -m devstack`` (``make run``), the e2e fixtures (``tests/e2e/conftest.py``) and the bench:
+Shared by ``python -m devstack`` (``make run``, ``make run-apigee``), the e2e fixtures
+(``tests/e2e/conftest.py``) and the bench:
 
-* :func:`write_authz_config` writes a standalone config (Go adapter format + ``tenant.catalog_file``);
-* :func:`start_authz` runs ``python -m authz serve --config FILE`` and waits for ``/readyz``;
+* :func:`write_authz_config` writes a config in the Go adapter format: standalone (``tenant.catalog_file``)
+  or, without a catalog, Apigee mode (the caller's overrides name ``tenant.remote_service_api``);
+* :func:`start_authz` runs ``python -m authz serve --config FILE [--policy-secret DIR]`` and waits for
+  ``/readyz`` (or only ``/livez``: a cold start during an Apigee outage starts unready);
 * :func:`start_stack` does both, then renders ``envoy/sidecar.yaml`` and starts Envoy, and waits until
-  Envoy's ``authz`` cluster is healthy by gRPC health checking.
+  Envoy's ``authz`` cluster is healthy by gRPC health checking (when authz is expected ready).
 
 Imports the standard library, PyYAML and :mod:`devstack` only; never the ``authz`` package (the service
 runs as a subprocess, exactly as deployed).
@@ -25,6 +28,7 @@ from devstack.envoy import REPO_ROOT, render, start_envoy, stats, wait_cluster_h
 from devstack.procs import Proc, StartupError, free_port, wait_http_ok
 
 AUTHZ_READY_TIMEOUT = 30.0  # seconds; a cold start imports grpc, protobuf and the Envoy protos
+APIGEE_TEMP_DIR = "apigee-temp"  # Apigee mode: global.temp_dir (products snapshot) under the config's dir
 ENVOY_HEALTHY_TIMEOUT = 10.0
 DEFAULT_ORG = "demo"
 DEFAULT_ENV = "test"
@@ -44,16 +48,19 @@ def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[st
 def write_authz_config(
     path: Path,
     *,
-    catalog_path: Path,
+    catalog_path: Path | None,
     api_port: int,
     metrics_port: int,
     org: str = DEFAULT_ORG,
     env: str = DEFAULT_ENV,
     overrides: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write an authz standalone config YAML to ``path`` and return it.
+    """Write an authz config YAML to ``path`` and return it.
 
-    ``overrides`` is deep-merged into ``{"global": {...}, "tenant": {...}}``, e.g.
+    With ``catalog_path`` the service runs standalone from that catalog. With None it runs in Apigee mode:
+    ``overrides`` must give ``{"tenant": {"remote_service_api": URL}}``, and ``global.temp_dir`` (where
+    the products snapshot goes) defaults to ``<path's dir>/apigee-temp`` instead of the service's
+    machine-wide default. ``overrides`` is deep-merged into ``{"global": {...}, "tenant": {...}}``, e.g.
     ``{"tenant": {"allow_unauthorized": True}}``.
     """
     config: dict[str, Any] = {
@@ -61,8 +68,12 @@ def write_authz_config(
             "api_address": f"127.0.0.1:{api_port}",
             "metrics_address": f"127.0.0.1:{metrics_port}",
         },
-        "tenant": {"org_name": org, "env_name": env, "catalog_file": str(catalog_path.resolve())},
+        "tenant": {"org_name": org, "env_name": env},
     }
+    if catalog_path is not None:
+        config["tenant"]["catalog_file"] = str(catalog_path.resolve())
+    else:
+        config["global"]["temp_dir"] = str((path.parent / APIGEE_TEMP_DIR).resolve())
     if overrides:
         config = deep_merge(config, overrides)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +81,11 @@ def write_authz_config(
     return path
 
 
-def authz_argv(config_path: Path) -> list[str]:
-    return [sys.executable, "-m", "authz", "serve", "--config", str(config_path)]
+def authz_argv(config_path: Path, policy_secret_dir: Path | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "authz", "serve", "--config", str(config_path)]
+    if policy_secret_dir is not None:
+        argv += ["--policy-secret", str(policy_secret_dir)]
+    return argv
 
 
 def start_authz(
@@ -82,20 +96,25 @@ def start_authz(
     name: str = "authz",
     ready_timeout: float = AUTHZ_READY_TIMEOUT,
     cpu_list: str | None = None,
+    policy_secret_dir: Path | None = None,
+    wait_ready: bool = True,
 ) -> Proc:
     """Start ``python -m authz serve --config config_path`` and wait for ``/readyz`` to answer 200.
 
-    ``cpu_list`` (e.g. ``"1"``) pins the process with ``taskset -c``.
+    ``policy_secret_dir`` adds ``--policy-secret DIR`` (Apigee X/hybrid). With ``wait_ready=False`` it waits
+    for ``/livez`` only: in Apigee mode a cold start without products (Apigee down, no snapshot) is live
+    but unready. ``cpu_list`` (e.g. ``"1"``) pins the process with ``taskset -c``.
 
     Raises:
         StartupError: "authz did not become ready: ..." with the log tail; the process is stopped.
     """
-    argv = authz_argv(config_path)
+    argv = authz_argv(config_path, policy_secret_dir)
     if cpu_list is not None:
         argv = ["taskset", "-c", cpu_list, *argv]
     proc = Proc(name, argv, log_dir, env={"PYTHONUNBUFFERED": "1"}, cwd=REPO_ROOT)
+    probe = "readyz" if wait_ready else "livez"
     try:
-        wait_http_ok(f"http://127.0.0.1:{metrics_port}/readyz", ready_timeout, proc)
+        wait_http_ok(f"http://127.0.0.1:{metrics_port}/{probe}", ready_timeout, proc)
     except StartupError as exc:
         proc.stop()
         raise StartupError(f"authz did not become ready: {exc}") from None
@@ -112,7 +131,7 @@ class Stack:
     work_dir: Path
     log_dir: Path
     config_path: Path
-    catalog_path: Path
+    catalog_path: Path | None  # None in Apigee mode
     envoy_config_path: Path
     listen_port: int
     admin_port: int
@@ -121,6 +140,7 @@ class Stack:
     upstream_port: int
     authz_proc: Proc
     envoy_proc: Proc
+    policy_secret_dir: Path | None = None
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -145,11 +165,17 @@ class Stack:
         """Both processes' log tails, for assertion messages."""
         return f"--- authz ---\n{self.authz_proc.log_tail()}\n--- envoy ---\n{self.envoy_proc.log_tail()}"
 
-    def restart_authz(self, ready_timeout: float = AUTHZ_READY_TIMEOUT) -> Proc:
-        """Stop authz (if running) and start it again on the same ports and config; wait until ready."""
+    def restart_authz(self, ready_timeout: float = AUTHZ_READY_TIMEOUT, *, wait_ready: bool = True) -> Proc:
+        """Stop authz (if running) and start it again on the same ports, config and policy secret; wait
+        until ready (``wait_ready=False``: until live)."""
         self.authz_proc.stop()
         self.authz_proc = start_authz(
-            self.config_path, self.metrics_port, self.log_dir, ready_timeout=ready_timeout
+            self.config_path,
+            self.metrics_port,
+            self.log_dir,
+            ready_timeout=ready_timeout,
+            policy_secret_dir=self.policy_secret_dir,
+            wait_ready=wait_ready,
         )
         return self.authz_proc
 
@@ -169,7 +195,7 @@ BIND_RACE_ATTEMPTS = 3  # free_port() can race with other sockets picking the sa
 
 def start_stack(
     work_dir: Path,
-    catalog_path: Path,
+    catalog_path: Path | None,
     upstream_port: int,
     *,
     api_name: str | None = None,
@@ -180,18 +206,24 @@ def start_stack(
     metrics_port: int | None = None,
     admin_port: int | None = None,
     authz_ready_timeout: float = AUTHZ_READY_TIMEOUT,
+    policy_secret_dir: Path | None = None,
+    wait_ready: bool = True,
 ) -> Stack:
     """Start authz (config written to ``work_dir/config.yaml``) and an Envoy sidecar in front of it.
 
     Args:
         work_dir: config, rendered Envoy config and ``logs/`` go here.
-        catalog_path: the standalone catalog YAML (referenced by absolute path).
+        catalog_path: the standalone catalog YAML (referenced by absolute path); None for Apigee mode,
+            where ``overrides`` give ``tenant.remote_service_api`` (see :func:`write_authz_config`).
         upstream_port: port of the HTTP/1.1 upstream on 127.0.0.1 (e.g. an EchoUpstream).
         api_name: if set, every route sends the ext_authz context extension ``apigee_api=<api_name>``;
             if None, authz takes the API from ``:authority``.
         overrides: deep-merged into the authz config.
         envoy_vars: extra or replacement ``envoy/sidecar.yaml`` variables (e.g. ``EXT_AUTHZ_TIMEOUT``).
         listen_port, api_port, metrics_port, admin_port: fixed ports; free ones by default.
+        policy_secret_dir: passed to authz as ``--policy-secret DIR`` (Apigee X/hybrid).
+        wait_ready: False to accept an unready authz (live only), e.g. a cold start during an Apigee
+            outage; Envoy is then not waited on to see the authz cluster healthy.
 
     Raises:
         StartupError: a process died or did not get ready; the message carries its log tail. Whatever
@@ -204,6 +236,7 @@ def start_stack(
                 work_dir, catalog_path, upstream_port, api_name=api_name, overrides=overrides,
                 envoy_vars=envoy_vars, listen_port=listen_port, api_port=api_port,
                 metrics_port=metrics_port, admin_port=admin_port, authz_ready_timeout=authz_ready_timeout,
+                policy_secret_dir=policy_secret_dir, wait_ready=wait_ready,
             )  # fmt: skip
         except StartupError as exc:
             lost_race = "already in use" in str(exc).lower() or "cannot listen" in str(exc).lower()
@@ -214,7 +247,7 @@ def start_stack(
 
 def _start_stack_once(
     work_dir: Path,
-    catalog_path: Path,
+    catalog_path: Path | None,
     upstream_port: int,
     *,
     api_name: str | None,
@@ -225,6 +258,8 @@ def _start_stack_once(
     metrics_port: int | None,
     admin_port: int | None,
     authz_ready_timeout: float,
+    policy_secret_dir: Path | None,
+    wait_ready: bool,
 ) -> Stack:
     log_dir = work_dir / "logs"
     listen_port = listen_port or free_port()
@@ -246,7 +281,14 @@ def _start_stack_once(
         **(envoy_vars or {}),
     }
     envoy_config = render("sidecar.yaml", work_dir, variables, api_name=api_name)
-    authz_proc = start_authz(config_path, metrics_port, log_dir, ready_timeout=authz_ready_timeout)
+    authz_proc = start_authz(
+        config_path,
+        metrics_port,
+        log_dir,
+        ready_timeout=authz_ready_timeout,
+        policy_secret_dir=policy_secret_dir,
+        wait_ready=wait_ready,
+    )
     try:
         envoy_proc = start_envoy(envoy_config, admin_port, log_dir)
     except BaseException:
@@ -265,7 +307,10 @@ def _start_stack_once(
         upstream_port=upstream_port,
         authz_proc=authz_proc,
         envoy_proc=envoy_proc,
+        policy_secret_dir=policy_secret_dir,
     )
+    if not wait_ready:
+        return stack
     try:
         wait_cluster_healthy(admin_port, "authz", ENVOY_HEALTHY_TIMEOUT, envoy_proc)
     except BaseException:
