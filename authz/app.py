@@ -158,6 +158,7 @@ class Service:
             self.metrics,
             self.clock,
             keys=self.apigee.keys if self.apigee is not None else None,
+            verify_wait=config.auth.api_key_verify_wait,
         )
         self.grpc_port = 0
         self.http_port = 0

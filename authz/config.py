@@ -9,9 +9,10 @@ cross-field rules. Unlike the Go adapter, unknown keys are errors. Every problem
 ``ConfigError(file, dotted.key, problem)``; nothing reads the environment.
 
 Keys this service adds to the Go schema: ``global.graceful_shutdown_timeout``, ``tenant.catalog_file``,
-``tenant.catalog_poll_interval`` and ``tenant.remote_token_jwks_url`` (where the keys that sign
-``/verifyApiKey`` tokens are published; derived from ``remote_service_api`` by default). Relative file
-paths (the catalog and TLS files) are resolved against the config file's directory and stored absolute.
+``tenant.catalog_poll_interval``, ``auth.api_key_verify_wait`` and ``tenant.remote_token_jwks_url``
+(where the keys that sign ``/verifyApiKey`` tokens are published; derived from ``remote_service_api``
+by default). Relative file paths (the catalog and TLS files) are resolved against the config file's
+directory and stored absolute.
 
 The YAML documents themselves (Kubernetes stream, Secrets) are read by ``authz.config_documents``.
 Imports only the standard library, ``yaml``, ``authz.config_documents`` and ``authz.errors``.
@@ -52,6 +53,7 @@ DEFAULT_ANALYTICS_COLLECTION_INTERVAL = 120.0
 DEFAULT_API_KEY_CACHE_DURATION = 1800.0
 DEFAULT_API_KEY_HEADER = "x-api-key"
 DEFAULT_API_HEADER = ":authority"
+DEFAULT_API_KEY_VERIFY_WAIT = 0.8  # below the 1 s ext_authz timeout of the Go adapter's sample Envoy config
 
 MIN_CATALOG_POLL_INTERVAL = 0.05
 MIN_PRODUCTS_REFRESH = 1.0
@@ -152,6 +154,7 @@ class AuthConfig:
     allow_unauthorized: bool = False
     jwt_provider_key: str = ""
     append_metadata_headers: bool = False
+    api_key_verify_wait: float = DEFAULT_API_KEY_VERIFY_WAIT  # NEW: Check's wait for an uncached key
 
 
 @dataclass(frozen=True)
@@ -466,6 +469,7 @@ def _auth(s: _Section) -> AuthConfig:
         allow_unauthorized=s.flag("allow_unauthorized"),
         jwt_provider_key=s.text("jwt_provider_key"),
         append_metadata_headers=s.flag("append_metadata_headers"),
+        api_key_verify_wait=s.duration("api_key_verify_wait", DEFAULT_API_KEY_VERIFY_WAIT, positive=True),
     )
 
 

@@ -227,8 +227,10 @@ class RemoteTokenKeys:
 
     async def run(self) -> None:
         """Fetch now, then every ``refresh_interval`` (after a failure, every cooldown) until ``stop()``."""
+        fresh = self._last_ok  # a fetch at start-up counts as the first one
         while not self._stopped.is_set():
-            ok = await self.refresh()
+            ok = True if fresh else await self.refresh()
+            fresh = False
             delay = self._refresh_interval if ok else min(self._refresh_interval, RETRY_AFTER_FAILURE)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay * (1 + JITTER * (2 * _jitter() - 1))):

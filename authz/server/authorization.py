@@ -3,7 +3,7 @@
 No exception leaves Check: an exception reaching grpc becomes an Envoy error, which fails open under
 ``failure_mode_allow``. Anything unexpected is answered with an explicit 503 deny and counted. The request
 path does no I/O: the catalog is an in-memory snapshot and metrics are in-process counters. In Apigee mode
-the one exception is an API key that is not cached yet: Check waits (at most ``verify_wait``) for its
+the one exception is an API key that is not cached yet: Check waits (``auth.api_key_verify_wait``) for its
 ``/verifyApiKey`` answer; past that it answers 503 while the call goes on and fills the cache.
 """
 
@@ -34,7 +34,7 @@ _INTERNAL = Decision(reason=DenyReason.INTERNAL_ERROR)
 # random keys cannot churn the cache.
 ALLOW_CACHE_SIZE = 10_000
 _FOREVER = float("inf")
-DEFAULT_VERIFY_WAIT = 0.8  # below the 1 s ext_authz timeout of the Go adapter's sample Envoy config
+DEFAULT_VERIFY_WAIT = 0.8  # auth.api_key_verify_wait: keep it below Envoy's ext_authz timeout
 
 
 class KeySource(Protocol):

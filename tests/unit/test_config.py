@@ -115,6 +115,7 @@ def test_full_config_sets_every_key() -> None:
             allow_unauthorized=True,
             jwt_provider_key="https://apigee.example.com/remote-token/token",
             append_metadata_headers=True,
+            api_key_verify_wait=0.3,
         ),
     )
     assert config.tenant.multi_tenant
@@ -505,6 +506,7 @@ def test_effective_config_renders_the_file_shape_and_loads_back(tmp_path: Path) 
             "allow_unauthorized": False,
             "jwt_provider_key": "",
             "append_metadata_headers": False,
+            "api_key_verify_wait": "800ms",
         },
     }
     path = tmp_path / "effective.yaml"
@@ -661,7 +663,8 @@ INVALID = {
     "invalid_unknown_key.yaml": "global.api_adress: unknown key (did you mean 'api_address'?)",
     "invalid_unknown_key_no_match.yaml": (
         "auth.frobnicate: unknown key (expected one of: api_key_claim, api_key_cache_duration, "
-        "api_key_header, api_header, allow_unauthorized, jwt_provider_key, append_metadata_headers)"
+        "api_key_header, api_header, allow_unauthorized, jwt_provider_key, append_metadata_headers, "
+        "api_key_verify_wait)"
     ),
     "invalid_unknown_section.yaml": "tenants: unknown section (did you mean 'tenant'?)",
     "invalid_url_scheme.yaml": (

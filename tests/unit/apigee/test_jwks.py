@@ -284,3 +284,13 @@ async def test_after_a_failed_fetch_an_unknown_kid_retries_within_a_second(keys,
     clock.advance(1)
     assert await keys.key_for("random") is None  # a good set again: the long cooldown applies
     assert fake.calls["certs"] == 2
+
+
+async def test_run_after_a_start_up_fetch_waits_a_full_interval(keys, fake):
+    assert await keys.refresh()
+    runner = asyncio.create_task(keys.run())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert fake.calls["certs"] == 1  # no second fetch straight away
+    keys.stop()
+    await runner
