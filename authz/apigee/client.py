@@ -118,7 +118,9 @@ class ApigeeClient:
         if response.status_code != 200:
             raise ApigeeRejected(response.status_code, f"GET products: HTTP {response.status_code}")
         body = _json(response, "products")
-        products = body.get("apiProduct", []) if isinstance(body, dict) else None
+        # The proxy always sends the list, empty or not: "{}" or another object is an error page, not
+        # "no products", and must not wipe the catalog.
+        products = body.get("apiProduct") if isinstance(body, dict) else None
         if not isinstance(products, list) or not all(isinstance(p, dict) for p in products):
             raise ApigeeUnavailable('GET products: body is not {"apiProduct": [...]}')
         return ProductsResponse(False, tuple(products), response.headers.get("etag"))

@@ -76,6 +76,11 @@ async def test_transport_errors_and_garbage_are_unavailable(client, fake):
     fake.malformed_next("products", b'{"apiProduct": {"name": "x"}}')
     with pytest.raises(ApigeeUnavailable):
         await client.products()
+    fake.malformed_next("products", b'{"error": "maintenance"}')  # empty by error: not "no products"
+    with pytest.raises(ApigeeUnavailable):
+        await client.products()
+    fake.malformed_next("products", b'{"apiProduct": []}')  # a real empty list is an answer
+    assert (await client.products()).products == ()
     fake.malformed_next("verifyApiKey", b"{}")
     with pytest.raises(ApigeeUnavailable):
         await client.verify_api_key("good-key")
