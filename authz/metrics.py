@@ -84,6 +84,7 @@ class Metrics:
     api_key_lookups: Counter
     api_key_verifications: Counter
     jwks_refreshes: Counter
+    jwt_verifications: Counter
 
 
 def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
@@ -162,8 +163,14 @@ def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
         ),
         jwks_refreshes=Counter(
             "jwks_refreshes",
-            "Fetches of the remote-token JWKS by result (ok, error); an error keeps the last good keys.",
-            ["org", "result"],
+            "JWKS fetches by provider and result (ok, error); an error keeps the last good keys.",
+            ["org", "provider", "result"],
+            registry=registry,
+        ),
+        jwt_verifications=Counter(
+            "jwt_verifications",
+            "Bearer tokens checked, by provider (issuer name from the config) and result.",
+            ["org", "provider", "result"],
             registry=registry,
         ),
     )

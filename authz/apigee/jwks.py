@@ -122,6 +122,7 @@ def parse_jwks(document: Mapping[str, Any]) -> list[jwt.PyJWK]:
 # After a failed fetch (Apigee was down), a token whose kid we lack may refetch after this long, and the
 # background loop retries this often: one fetch a second at most, and recovery within a second or two.
 RETRY_AFTER_FAILURE = 1.0
+PROVIDER = "apigee-remote-token"  # the provider label of this key set in metrics
 
 
 class RemoteTokenKeys:
@@ -134,8 +135,8 @@ class RemoteTokenKeys:
         self._clock = clock
         self._refresh_interval = refresh_interval
         self._cooldown = unknown_kid_cooldown
-        self._ok = metrics.jwks_refreshes.labels(org, "ok")
-        self._error = metrics.jwks_refreshes.labels(org, "error")
+        self._ok = metrics.jwks_refreshes.labels(org, PROVIDER, "ok")
+        self._error = metrics.jwks_refreshes.labels(org, PROVIDER, "error")
         self._by_kid: dict[str, jwt.PyJWK] = {}
         self._sole: jwt.PyJWK | None = None
         self._count = 0

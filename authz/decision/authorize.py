@@ -44,6 +44,7 @@ _POLICY_DENIES = frozenset(
         DenyReason.EXPIRED_KEY,
         DenyReason.NOT_AUTHORIZED,
         DenyReason.INVALID_CLAIMS,
+        DenyReason.INVALID_TOKEN,
     }
 )
 

@@ -31,6 +31,8 @@ class DenyReason(enum.Enum):
     NOT_READY = "not_ready"  # no catalog loaded yet
     AUTH_UNAVAILABLE = "auth_unavailable"  # the key could not be checked (Apigee unreachable), not a bad key
     INVALID_CLAIMS = "invalid_claims"  # JWT claims without a usable api_product_list, client_id, app name
+    INVALID_TOKEN = "invalid_token"  # noqa: S105 - a bearer token that does not verify (signature, exp, ...)
+    TOKEN_UNAVAILABLE = "token_unavailable"  # noqa: S105 - the issuer's keys cannot be fetched: cannot decide
     INTERNAL_ERROR = "internal_error"  # an unexpected error while deciding
 
 

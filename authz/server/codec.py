@@ -41,7 +41,12 @@ DENY_STATUS: Final[dict[DenyReason, tuple[int, int, str]]] = {
     DenyReason.INTERNAL_ERROR: (*UNAVAILABLE, "The request could not be authorized; try again."),
     DenyReason.AUTH_UNAVAILABLE: (*UNAVAILABLE, "The API key could not be checked; try again."),
     DenyReason.INVALID_CLAIMS: (*FORBIDDEN, "The token does not name an app and its API products."),
+    DenyReason.INVALID_TOKEN: (*UNAUTHENTICATED, "The bearer token is not valid."),
+    DenyReason.TOKEN_UNAVAILABLE: (*UNAVAILABLE, "The bearer token could not be checked; try again."),
 }
+
+# RFC 6750 §3: a rejected bearer token is answered with a challenge.
+_CHALLENGES: Final = {DenyReason.INVALID_TOKEN: (("www-authenticate", 'Bearer error="invalid_token"'),)}
 
 REMOVED_PREFIXES = (PREFIX, FAILURE_MODE_HEADER)
 MAX_KEYED_PATH = 1024
@@ -129,10 +134,11 @@ def _denied(reason: DenyReason) -> Any:
     denied = response.denied_response
     denied.status.code = status
     denied.body = json.dumps({"error": message, "reason": reason.value})
-    header = denied.headers.add()
-    header.header.key = "content-type"
-    header.header.value = "application/json"
-    header.append_action = _OVERWRITE
+    for name, value in (("content-type", "application/json"), *_CHALLENGES.get(reason, ())):
+        header = denied.headers.add()
+        header.header.key = name
+        header.header.value = value
+        header.append_action = _OVERWRITE
     return response
 
 

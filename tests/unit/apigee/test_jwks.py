@@ -59,7 +59,12 @@ async def keys(fake, clock, metrics):
 
 
 def refreshes(metrics, result):
-    return metrics.registry.get_sample_value("jwks_refreshes_total", {"org": "org", "result": result}) or 0
+    return (
+        metrics.registry.get_sample_value(
+            "jwks_refreshes_total", {"org": "org", "provider": "apigee-remote-token", "result": result}
+        )
+        or 0
+    )
 
 
 async def test_refresh_loads_the_key_pinned_to_its_algorithm(keys, fake, metrics):

@@ -117,3 +117,12 @@ def test_requests_with_jwt_claims_are_not_keyed():
 
     request = with_jwt_claims(check_request(), "apigee", {"client_id": "c"})
     assert codec.decision_key(request, Policy("org", "test")) is None
+
+
+def test_invalid_token_deny_carries_a_bearer_challenge():
+    response = codec.check_response(Decision(reason=DenyReason.INVALID_TOKEN))
+    headers = {h.header.key: h.header.value for h in response.denied_response.headers}
+    assert response.denied_response.status.code == 401
+    assert headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    other = codec.check_response(Decision(reason=DenyReason.UNKNOWN_KEY))
+    assert "www-authenticate" not in {h.header.key for h in other.denied_response.headers}
