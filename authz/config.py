@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from authz.config_documents import PolicySecret, kind_name, split_documents
 from authz.config_documents import policy_secret_dir as policy_secret_dir_reader
+from authz.config_providers import JwtProvider, apigee_provider, parse_providers
 from authz.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -155,6 +156,7 @@ class AuthConfig:
     jwt_provider_key: str = ""
     append_metadata_headers: bool = False
     api_key_verify_wait: float = DEFAULT_API_KEY_VERIFY_WAIT  # NEW: Check's wait for an uncached key
+    jwt_providers: tuple[JwtProvider, ...] = ()  # NEW: issuers whose bearer tokens are validated here
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,13 @@ def _check_apigee(file: str, config: Config) -> Config:
                 )
     if not tenant.remote_token_jwks_url:
         tenant = replace(tenant, remote_token_jwks_url=remote_token_jwks_url(tenant.remote_service_api))
-    return replace(config, tenant=tenant)
+    auth = config.auth
+    apigee = apigee_provider(tenant.remote_service_api, tenant.remote_token_jwks_url)
+    if all(p.issuer != apigee.issuer for p in auth.jwt_providers):
+        names = {p.name for p in auth.jwt_providers}
+        name = apigee.name if apigee.name not in names else f"{apigee.name}-remote-token"
+        auth = replace(auth, jwt_providers=(replace(apigee, name=name), *auth.jwt_providers))
+    return replace(config, tenant=tenant, auth=auth)
 
 
 def remote_token_jwks_url(remote_service_api: str) -> str:
@@ -372,6 +380,27 @@ class _Section:
             raise self.error(name, f"must be at least {format_duration(minimum)}, got {self._raw[name]}")
         return value
 
+    def strings(self, name: str) -> tuple[str, ...]:
+        """A list of non-empty strings; () when absent."""
+        value = self._raw.get(name) or []
+        if not isinstance(value, list):
+            raise self.error(name, f"expected a list, got {kind_name(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise self.error(f"{name}[{i}]", f"expected a non-empty string, got {kind_name(item)}")
+        return tuple(value)
+
+    def items(self, name: str, cls: type[DataclassInstance]) -> list[_Section]:
+        """A list of mappings, each a section with ``cls``'s keys; [] when absent."""
+        value = self._raw.get(name) or []
+        if not isinstance(value, list):
+            raise self.error(name, f"expected a list, got {kind_name(value)}")
+        known = tuple(f.name for f in fields(cls))
+        return [
+            _Section(self.file, f"{self.key(name)}[{i}]", item, known, self.base_dir)
+            for i, item in enumerate(value)
+        ]
+
     def address(self, name: str, default: str) -> Address:
         return parse_address(self._raw.get(name, default), self.file, self.key(name))
 
@@ -470,6 +499,7 @@ def _auth(s: _Section) -> AuthConfig:
         jwt_provider_key=s.text("jwt_provider_key"),
         append_metadata_headers=s.flag("append_metadata_headers"),
         api_key_verify_wait=s.duration("api_key_verify_wait", DEFAULT_API_KEY_VERIFY_WAIT, positive=True),
+        jwt_providers=parse_providers(s.items("jwt_providers", JwtProvider)),
     )
 
 
@@ -501,5 +531,7 @@ def _render(obj: DataclassInstance) -> dict[str, object]:
             value = str(value)
         elif is_dataclass(value) and not isinstance(value, type):
             value = _render(value)
+        elif isinstance(value, tuple):  # lists in the file
+            value = [_render(v) if is_dataclass(v) and not isinstance(v, type) else v for v in value]
         out[f.name] = value
     return out

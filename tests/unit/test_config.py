@@ -507,6 +507,7 @@ def test_effective_config_renders_the_file_shape_and_loads_back(tmp_path: Path) 
             "jwt_provider_key": "",
             "append_metadata_headers": False,
             "api_key_verify_wait": "800ms",
+            "jwt_providers": [],
         },
     }
     path = tmp_path / "effective.yaml"
@@ -664,7 +665,7 @@ INVALID = {
     "invalid_unknown_key_no_match.yaml": (
         "auth.frobnicate: unknown key (expected one of: api_key_claim, api_key_cache_duration, "
         "api_key_header, api_header, allow_unauthorized, jwt_provider_key, append_metadata_headers, "
-        "api_key_verify_wait)"
+        "api_key_verify_wait, jwt_providers)"
     ),
     "invalid_unknown_section.yaml": "tenants: unknown section (did you mean 'tenant'?)",
     "invalid_url_scheme.yaml": (
@@ -688,3 +689,128 @@ def test_invalid_config(name: str, problem: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == f"{path}: " + problem.replace("{dir}", str(FIXTURES))
+
+
+def _with_providers(tmp_path: Path, providers: str, tenant: str = "") -> Path:
+    path = tmp_path / "config.yaml"
+    tenant = tenant or f"  org_name: acme\n  env_name: test\n  catalog_file: {CATALOG}\n"
+    path.write_text(f"tenant:\n{tenant}auth:\n  jwt_providers:\n{providers}")
+    return path
+
+
+def test_jwt_providers(tmp_path: Path) -> None:
+    from authz.config_providers import ASYMMETRIC_ALGORITHMS, ClaimNames, JwtProvider
+
+    path = _with_providers(
+        tmp_path,
+        "    - issuer: https://accounts.google.com\n"
+        "      audiences: [https://orders.example.run.app]\n"
+        "      products: [orders]\n"
+        "      claims: {client_id: azp, application: sub, developer_email: email}\n"
+        "    - name: corp\n"
+        "      issuer: https://login.example.com/realms/corp\n"
+        "      jwks_uri: https://login.example.com/realms/corp/certs\n"
+        "      audiences: [orders, billing]\n"
+        "      algorithms: [ES256]\n"
+        "      clock_skew: 5s\n"
+        "      refresh_interval: 1m\n"
+        "      header: X-Corp-Token\n"
+        "      prefix: ''\n",
+    )
+    google, corp = load_config(path).auth.jwt_providers
+    assert google == JwtProvider(
+        name="accounts.google.com",
+        issuer="https://accounts.google.com",
+        audiences=("https://orders.example.run.app",),
+        algorithms=ASYMMETRIC_ALGORITHMS,
+        products=("orders",),
+        claims=ClaimNames(client_id="azp", application="sub", developer_email="email"),
+    )
+    assert (corp.name, corp.jwks_uri, corp.algorithms, corp.clock_skew) == (
+        "corp", "https://login.example.com/realms/corp/certs", ("ES256",), 5.0)  # fmt: skip
+    assert (corp.refresh_interval, corp.header, corp.prefix) == (60.0, "x-corp-token", "")
+
+
+@pytest.mark.parametrize(
+    ("providers", "problem"),
+    [
+        ("    - audiences: [a]\n", "auth.jwt_providers[0].issuer: required"),
+        ("    - issuer: https://i.example\n", "auth.jwt_providers[0].audiences: required: without it, tokens "
+         "the issuer made for other services pass"),
+        ("    - {issuer: https://i.example, audiences: [a], algorithms: [HS256]}\n",
+         'auth.jwt_providers[0].algorithms: "HS256" is not allowed (only asymmetric ones: RS256, RS384, '
+         "RS512, PS256, PS384, PS512, ES256, ES384, ES512)"),
+        ("    - {issuer: https://i.example, audiences: [a], algorithms: [none]}\n",
+         'auth.jwt_providers[0].algorithms: "none" is not allowed (only asymmetric ones: RS256, RS384, '
+         "RS512, PS256, PS384, PS512, ES256, ES384, ES512)"),
+        ("    - {issuer: https://i.example, audiences: [a]}\n    - {issuer: https://i.example, audiences: [b]}\n",
+         'auth.jwt_providers[1].name: "i.example" is used by another provider'),
+        ("    - {name: x, issuer: https://i.example, audiences: [a]}\n"
+         "    - {name: y, issuer: https://i.example, audiences: [b]}\n",
+         'auth.jwt_providers[1].issuer: "https://i.example" is used by another provider'),
+        ("    - {issuer: i.example, audiences: [a]}\n",
+         'auth.jwt_providers[0].issuer: expected an http or https URL, got "i.example"'),
+        ("    - {issuer: https://i.example, audiences: a}\n", "auth.jwt_providers[0].audiences: expected a list, got string"),
+        ("    - {issuer: https://i.example, audiences: ['']}\n",
+         "auth.jwt_providers[0].audiences[0]: expected a non-empty string, got string"),
+        ("    - {issuer: https://i.example, audiences: [a], claims: {product: x}}\n",
+         "auth.jwt_providers[0].claims.product: unknown key (did you mean 'products'?)"),
+        ("    - {issuer: https://i.example, audiences: [a], refresh_interval: 1s}\n",
+         "auth.jwt_providers[0].refresh_interval: must be at least 10s, got 1s"),
+        ("    - https://i.example\n", "auth.jwt_providers[0]: expected a mapping, got string"),
+    ],
+)  # fmt: skip
+def test_invalid_jwt_providers(tmp_path: Path, providers: str, problem: str) -> None:
+    path = _with_providers(tmp_path, providers)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {problem}"
+
+
+def test_apigee_mode_adds_the_remote_token_provider(tmp_path: Path) -> None:
+    stream, *_ = _provision_output("")
+    (tmp_path / "config.yaml").write_text(stream)
+    (provider,) = load_config(tmp_path / "config.yaml").auth.jwt_providers
+    assert (provider.name, provider.issuer, provider.jwks_uri, provider.audiences, provider.algorithms) == (
+        "apigee",
+        "https://apigee.example.com/remote-token/token",
+        "https://apigee.example.com/remote-token/certs",
+        ("remote-service-client",),
+        ("RS256",),
+    )
+
+
+def test_a_configured_remote_token_provider_replaces_the_default(tmp_path: Path) -> None:
+    _, pem, jwks, _, properties = _provision_output("")
+    secret_dir = tmp_path / "policy-secret"
+    secret_dir.mkdir()
+    for name, text in (("crt", jwks), ("key", pem), ("properties", properties)):
+        (secret_dir / f"remote-service.{name}").write_text(text)
+    tenant = "  remote_service_api: https://apigee.example.com/remote-service\n  org_name: acme\n  env_name: test\n"
+    path = _with_providers(
+        tmp_path,
+        "    - {name: mine, issuer: https://apigee.example.com/remote-token/token, audiences: [x]}\n"
+        "    - {name: apigee, issuer: https://other.example, audiences: [y]}\n",
+        tenant,
+    )
+    providers = load_config(path, policy_secret_dir=str(secret_dir)).auth.jwt_providers
+    assert [(p.name, p.audiences) for p in providers] == [("mine", ("x",)), ("apigee", ("y",))]
+    path = _with_providers(
+        tmp_path, "    - {name: apigee, issuer: https://other.example, audiences: [y]}\n", tenant
+    )
+    providers = load_config(path, policy_secret_dir=str(secret_dir)).auth.jwt_providers
+    assert [p.name for p in providers] == ["apigee-remote-token", "apigee"]
+
+
+def test_effective_config_with_providers_loads_back(tmp_path: Path) -> None:
+    _, pem, jwks, _, properties = _provision_output("")
+    secret_dir = tmp_path / "policy-secret"
+    secret_dir.mkdir()
+    for name, text in (("crt", jwks), ("key", pem), ("properties", properties)):
+        (secret_dir / f"remote-service.{name}").write_text(text)
+    config = load_config(_apigee_plain_config(tmp_path), policy_secret_dir=str(secret_dir))
+    effective = effective_config(config)
+    assert effective["auth"]["jwt_providers"][0]["claims"]["products"] == "api_product_list"
+    path = tmp_path / "effective.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in effective.items() if k != "policy_secret"}))
+    assert load_config(path, policy_secret_dir=str(secret_dir)).auth == config.auth
