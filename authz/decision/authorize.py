@@ -143,15 +143,28 @@ def requested_key(attrs: RequestAttrs, policy: Policy) -> str | DenyReason:
 
 
 def _authenticate(
-    attrs: RequestAttrs, policy: Policy, lookup: KeyLookup, now: float
+    attrs: RequestAttrs,
+    policy: Policy,
+    lookup: KeyLookup,
+    now: float,
+    bearer: AuthContext | DenyReason | None,
 ) -> tuple[AuthContext, Credential | None] | DenyReason:
-    """Who is calling (Go adapter precedence): a verified API key, else the JWT claims.
+    """Who is calling.
 
-    A bad or uncheckable key does not stop a request whose JWT claims are valid, as in the Go adapter:
-    the token itself is proof enough. Returns the credential too when a key authenticated the call.
+    1. A bearer token this service verified (``bearer``) that failed denies, whatever else comes along.
+    2. An API key (from ``api_key_claim`` or the request) that is valid names the caller.
+    3. With a valid bearer token, a presented key that fails denies (strict: a bad key next to a valid
+       token is not an allow); no key at all leaves the token's caller.
+    4. Otherwise Envoy's jwt_authn claims, as in the Go adapter: a bad or uncheckable key does not stop a
+       request whose claims are valid, since Envoy verified the token.
+    Returns the credential too when a key authenticated the call (scopes then do not apply).
     """
+    if isinstance(bearer, DenyReason):
+        return bearer
     key = requested_key(attrs, policy)
     found = _usable(lookup(key), now) if isinstance(key, str) else key
+    if bearer is not None and not isinstance(found, Credential):
+        return (bearer, None) if found is DenyReason.MISSING_CREDENTIALS else found
     if isinstance(found, Credential):
         auth = AuthContext(
             client_id=found.client_id,
@@ -203,7 +216,12 @@ def _deny(reason: DenyReason, attrs: RequestAttrs, policy: Policy, api: str = ""
 
 
 def decide(
-    attrs: RequestAttrs, catalog: Catalog | None, policy: Policy, now: float, lookup: KeyLookup | None = None
+    attrs: RequestAttrs,
+    catalog: Catalog | None,
+    policy: Policy,
+    now: float,
+    lookup: KeyLookup | None = None,
+    bearer: AuthContext | DenyReason | None = None,
 ) -> Decision:
     """Decide one request.
 
@@ -214,6 +232,8 @@ def decide(
         now: the current time, epoch seconds (for credential expiry).
         lookup: what an API key stands for; by default the catalog's own credentials. In Apigee mode the
             servicer has verified the key already and passes its answer.
+        bearer: the caller named by a bearer token the servicer verified, or why it failed; None when
+            the request carries none.
 
     Returns:
         An allow with metadata and header changes, or a deny with its reason.
@@ -226,7 +246,7 @@ def decide(
     api = attrs.context_extensions.get("apigee_api") or attrs.headers.get(policy.api_header, "")
     if not api:
         return _deny(DenyReason.MISSING_API, attrs, policy, env=env)
-    found = _authenticate(attrs, policy, lookup or catalog_lookup(catalog), now)
+    found = _authenticate(attrs, policy, lookup or catalog_lookup(catalog), now, bearer)
     if isinstance(found, DenyReason):
         return _deny(found, attrs, policy, api, env)
     auth, credential = found

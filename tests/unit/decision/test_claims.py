@@ -154,3 +154,41 @@ def test_auth_unavailable_is_never_let_through():
     policy = dataclasses.replace(POLICY, allow_unauthorized=True)
     decision = decide(attrs(key="k"), CATALOG, policy, NOW, lookup_of({"k": DenyReason.AUTH_UNAVAILABLE}))
     assert not decision.allowed and decision.reason is DenyReason.AUTH_UNAVAILABLE
+
+
+BEARER = AuthContext(
+    client_id="tok", app_name="token-app", developer_email="", products=("scoped",), scopes=("write",)
+)
+
+# name -> (attrs, lookup answers, bearer, expected reason, expected app when allowed)
+BEARER_CASES = {
+    "valid token alone": (attrs(), {}, BEARER, None, "token-app"),
+    "token without the product's scope": (attrs(), {}, dataclasses.replace(BEARER, scopes=("x",)),
+                                          DenyReason.NOT_AUTHORIZED, None),
+    "invalid token beats a valid key": (attrs(key="k"), {"k": KEY_CREDENTIAL}, DenyReason.INVALID_TOKEN,
+                                        DenyReason.INVALID_TOKEN, None),
+    "keys unobtainable": (attrs(), {}, DenyReason.TOKEN_UNAVAILABLE, DenyReason.TOKEN_UNAVAILABLE, None),
+    "valid token with a bad key is denied": (attrs(key="bad"), {}, BEARER, DenyReason.UNKNOWN_KEY, None),
+    "valid token with a malformed key is denied": (attrs(key="a b"), {}, BEARER,
+                                                   DenyReason.MALFORMED_CREDENTIALS, None),
+    "valid token with an unavailable key is denied": (attrs(key="k"), {"k": DenyReason.AUTH_UNAVAILABLE}, BEARER,
+                                                      DenyReason.AUTH_UNAVAILABLE, None),
+    "valid token and valid key: the key names the caller": (attrs(key="k"), {"k": KEY_CREDENTIAL}, BEARER, None,
+                                                            "key-app"),
+    "valid token wins over jwt_authn claims": (attrs(claims=CLAIMS), {}, BEARER, None, "token-app"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BEARER_CASES)
+def test_bearer_token_precedence(name):
+    request, answers, bearer, expected, app = BEARER_CASES[name]
+    decision = decide(request, CATALOG, POLICY, NOW, lookup_of(answers), bearer)
+    assert decision.reason is expected
+    if app is not None:
+        assert decision.auth.app_name == app
+
+
+def test_bad_bearer_token_may_be_let_through_marked_but_unavailable_keys_never():
+    policy = dataclasses.replace(POLICY, allow_unauthorized=True)
+    assert decide(attrs(), CATALOG, policy, NOW, bearer=DenyReason.INVALID_TOKEN).fail_open
+    assert not decide(attrs(), CATALOG, policy, NOW, bearer=DenyReason.TOKEN_UNAVAILABLE).allowed
