@@ -28,6 +28,11 @@ from authz.clock import Clock, SystemClock
 from authz.config import Config
 from authz.decision.model import Catalog, Policy
 from authz.errors import ConfigError, ListenError
+from authz.jwt.fetch import JwksSource
+from authz.jwt.fetch import new_http_client as new_jwks_client
+from authz.jwt.jwks import JwksCache
+from authz.jwt.validate import Rules
+from authz.jwt.verifier import BearerTokens, Provider
 from authz.metrics import Metrics, new_metrics
 from authz.server.authorization import AuthorizationServicer, add_to_server
 from authz.server.health import Health
@@ -71,6 +76,43 @@ def snapshot_path(config: Config) -> str:
     tenant = config.tenant
     env = "multi-tenant" if tenant.multi_tenant else tenant.env_name
     return os.path.join(config.global_.temp_dir, "products", f"{tenant.org_name}~{env}.json")
+
+
+class _Tokens:
+    """Bearer-token validation for ``auth.jwt_providers``: one JWKS cache per provider.
+
+    The Apigee remote-token provider shares the key cache that checks ``/verifyApiKey`` tokens (same
+    JWKS, fetched through the Apigee client); other issuers' keys come over a client with default TLS.
+    """
+
+    def __init__(self, config: Config, metrics: Metrics, clock: Clock, apigee: _Apigee | None) -> None:
+        org = config.tenant.org_name
+        self.http = new_jwks_client(config.tenant.client_timeout)
+        providers, self.caches = [], []
+        for p in config.auth.jwt_providers:
+            keys: JwksCache
+            if apigee is not None and p.jwks_uri == config.tenant.remote_token_jwks_url:
+                keys = apigee.jwks  # started and stopped with Apigee
+            else:
+                uri = p.jwks_uri or None
+                source = JwksSource(self.http, p.issuer, uri, metrics=metrics, org=org, provider=p.name)
+                keys = JwksCache(source, org, p.name, metrics, clock, refresh_interval=p.refresh_interval)
+                self.caches.append(keys)
+            rules = Rules(p.issuer, frozenset(p.audiences), frozenset(p.algorithms), p.clock_skew)
+            providers.append(Provider(p, rules, keys))
+        self.tokens = BearerTokens(providers, org, metrics, clock)
+
+    async def start(self) -> list[asyncio.Task[None]]:
+        await asyncio.gather(*(cache.refresh() for cache in self.caches))
+        return [asyncio.create_task(cache.run(), name="jwks-refresh") for cache in self.caches]
+
+    def stop(self) -> None:
+        for cache in self.caches:
+            cache.stop()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(cache.close() for cache in self.caches))
+        await self.http.aclose()
 
 
 class _Apigee:
@@ -151,6 +193,9 @@ class Service:
         else:
             self.apigee = _Apigee(config, self.metrics, self.clock)
             self.current_catalog = self.apigee.catalog.current
+        self.jwt: _Tokens | None = None
+        if config.auth.jwt_providers:
+            self.jwt = _Tokens(config, self.metrics, self.clock, self.apigee)
         self.health = Health(lambda: self.current_catalog() is not None, self.metrics, self._details)
         self.authorization = AuthorizationServicer(
             self.current_catalog,
@@ -159,6 +204,7 @@ class Service:
             self.clock,
             keys=self.apigee.keys if self.apigee is not None else None,
             verify_wait=config.auth.api_key_verify_wait,
+            tokens=self.jwt.tokens if self.jwt is not None else None,
         )
         self.grpc_port = 0
         self.http_port = 0
@@ -185,6 +231,8 @@ class Service:
             self._tasks.append(asyncio.create_task(self.local.run(), name="catalog-watcher"))
         elif self.apigee is not None:
             self._tasks.extend(await self.apigee.start())
+        if self.jwt is not None:
+            self._tasks.extend(await self.jwt.start())
         credentials, http_tls = _server_tls(self.config)
         server = grpc.aio.server(options=_grpc_options(self.config))
         add_to_server(self.authorization, server)
@@ -224,6 +272,8 @@ class Service:
             self.local.stop()
         if self.apigee is not None:
             self.apigee.stop()
+        if self.jwt is not None:
+            self.jwt.stop()
         if self._readiness is not None:
             self._readiness.cancel()
         for task in self._tasks:
@@ -232,6 +282,8 @@ class Service:
                     await task
             except TimeoutError:
                 task.cancel()
+        if self.jwt is not None:
+            await self.jwt.close()
         if self.apigee is not None:
             await self.apigee.close()
         if self._http is not None:

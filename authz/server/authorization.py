@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -21,11 +21,15 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from authz import logs
 from authz.clock import Clock
 from authz.decision.authorize import decide, requested_key
-from authz.decision.model import Catalog, Credential, Decision, DenyReason, Policy
+from authz.decision.model import AuthContext, Catalog, Credential, Decision, DenyReason, Policy
 from authz.metrics import Metrics
 from authz.server import codec
 
+if TYPE_CHECKING:
+    from authz.jwt.verifier import Verified
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _INTERNAL = Decision(reason=DenyReason.INTERNAL_ERROR)
 # Allows are cached per request shape (key, API, method, path with query, removed header names): most
@@ -43,6 +47,19 @@ class KeySource(Protocol):
     def lookup(self, api_key: str) -> Credential | DenyReason | None: ...
 
     async def verify(self, api_key: str) -> Credential | DenyReason: ...
+
+
+class TokenSource(Protocol):
+    """Bearer tokens the service verifies itself: where they are, a cheap lookup, a slow verification."""
+
+    @property
+    def headers(self) -> tuple[str, ...]: ...
+
+    def find(self, headers: Mapping[str, str]) -> str | None: ...
+
+    def lookup(self, token: str) -> Verified | DenyReason | None: ...
+
+    async def verify(self, token: str) -> Verified | DenyReason: ...
 
 
 class _Allow(NamedTuple):
@@ -66,12 +83,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         clock: Clock,
         keys: KeySource | None = None,
         verify_wait: float = DEFAULT_VERIFY_WAIT,
+        tokens: TokenSource | None = None,
     ) -> None:
         self._catalog = catalog
         self._policy = policy
         self._metrics = metrics
         self._clock = clock
         self._keys = keys
+        self._tokens = tokens
+        self._token_headers = tokens.headers if tokens is not None else ()
         self._verify_wait = verify_wait
         self._observers: dict[tuple[str, int], Any] = {}
         self._allows: dict[tuple[str | None, ...], _Allow] = {}
@@ -87,21 +107,22 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 self._allows.clear()
                 self._allows_catalog = catalog
             now = self._clock.now()
-            key = codec.decision_key(request, self._policy)
+            key = codec.decision_key(request, self._policy, self._token_headers)
             hit = self._allows.get(key) if key is not None else None
             if hit is not None and now < hit.valid_until and self._still_valid(hit):
                 response, decision = hit.response, hit.decision
             else:
                 attrs = codec.request_attrs(request)
                 api_key, found = await self._verified_key(attrs, catalog)
+                bearer, bearer_until = await self._verified_token(attrs, catalog)
                 lookup = None if found is None else _answer(found)
-                decision = decide(attrs, catalog, self._policy, now, lookup)
+                decision = decide(attrs, catalog, self._policy, now, lookup, bearer)
                 response = codec.encode(decision)
                 if key is not None and decision.reason is None:
                     if len(self._allows) >= ALLOW_CACHE_SIZE:
                         self._allows.clear()
                     credential = found if isinstance(found, Credential) else None
-                    valid_until = decision.valid_until or _FOREVER
+                    valid_until = min(decision.valid_until or _FOREVER, bearer_until)
                     self._allows[key] = _Allow(response, decision, valid_until, api_key, credential)
         except Exception:
             # Never log the request here: it may carry a credential.
@@ -129,13 +150,33 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             return None, None
         found = self._keys.lookup(api_key)
         if found is None:
-            pending = asyncio.ensure_future(self._keys.verify(api_key))
-            try:
-                found = await asyncio.wait_for(asyncio.shield(pending), self._verify_wait)
-            except TimeoutError:
-                # The call goes on (single flight) and fills the cache for the next request.
-                found = DenyReason.AUTH_UNAVAILABLE
+            found = await self._bounded(self._keys.verify(api_key), DenyReason.AUTH_UNAVAILABLE)
         return api_key, found
+
+    async def _bounded(self, verification: Awaitable[T], late: DenyReason) -> T | DenyReason:
+        """Wait at most ``verify_wait``; past it answer ``late`` while the call goes on (single flight) and
+        fills its cache for the next request."""
+        pending = asyncio.ensure_future(verification)
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), self._verify_wait)
+        except TimeoutError:
+            return late
+
+    async def _verified_token(
+        self, attrs: Any, catalog: Catalog | None
+    ) -> tuple[AuthContext | DenyReason | None, float]:
+        """With token providers, the caller a bearer token names (or why it fails) and until when."""
+        if self._tokens is None or catalog is None:
+            return None, _FOREVER
+        token = self._tokens.find(attrs.headers)
+        if token is None:
+            return None, _FOREVER
+        found = self._tokens.lookup(token)
+        if found is None:
+            found = await self._bounded(self._tokens.verify(token), DenyReason.TOKEN_UNAVAILABLE)
+        if isinstance(found, DenyReason):
+            return found, _FOREVER
+        return found.auth, found.valid_until
 
     def _record(self, decision: Decision, attrs: Any, elapsed: float) -> None:
         env = decision.environment or self._policy.env

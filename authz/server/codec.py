@@ -51,6 +51,7 @@ _CHALLENGES: Final = {DenyReason.INVALID_TOKEN: (("www-authenticate", 'Bearer er
 REMOVED_PREFIXES = (PREFIX, FAILURE_MODE_HEADER)
 MAX_KEYED_PATH = 1024
 MAX_KEYED_REMOVED = 8
+MAX_KEYED_TOKEN = 4096
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 JWT_AUTHN = "envoy.filters.http.jwt_authn"  # where jwt_authn's payload_in_metadata puts verified claims
 
@@ -86,12 +87,15 @@ def _jwt_metadata(attributes: Any) -> dict[str, dict[str, Any]]:
     return {name: claims for name, claims in found.items() if isinstance(claims, dict)}
 
 
-def decision_key(request: Any, policy: Policy) -> tuple[str | None, ...] | None:
+def decision_key(
+    request: Any, policy: Policy, token_headers: tuple[str, ...] = ()
+) -> tuple[str | None, ...] | None:
     """Everything ``decide`` reads from a request, as a hashable key for the allow cache.
 
     None when the request cannot be keyed cheaply (raw header map) or would make a large key (long path,
-    many spoofed headers), which keeps the cache's memory bounded. The names of client-sent headers that
-    an allow removes are part of the key, since they change the response.
+    many spoofed headers, a huge token), which keeps the cache's memory bounded. The names of client-sent
+    headers that an allow removes are part of the key, since they change the response, and so are the
+    headers bearer tokens are read from.
     """
     attributes = request.attributes
     http = attributes.request.http
@@ -105,7 +109,11 @@ def decision_key(request: Any, policy: Policy) -> tuple[str | None, ...] | None:
     removed = [name for name in headers if name.startswith(REMOVED_PREFIXES)]
     if len(removed) > MAX_KEYED_REMOVED:
         return None
+    tokens = [headers.get(name) for name in token_headers]  # bearer tokens decide too
+    if any(token is not None and len(token) > MAX_KEYED_TOKEN for token in tokens):
+        return None
     return (
+        *tokens,
         http.method,
         path,
         headers.get(policy.api_key_header),

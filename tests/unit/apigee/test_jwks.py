@@ -1,4 +1,7 @@
-"""RemoteTokenKeys: the remote-token JWKS, cached, refreshed, and used to decode verifyApiKey tokens."""
+"""RemoteTokenKeys: the remote-token JWKS, cached, refreshed, and used to decode verifyApiKey tokens.
+
+Parsing and the cache itself are tested generically in tests/unit/jwt/test_jwks_cache.py.
+"""
 
 import asyncio
 import base64
@@ -7,11 +10,11 @@ import json
 import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
 from authz.apigee.client import ApigeeClient
-from authz.apigee.jwks import BadToken, JWKSError, RemoteTokenKeys, parse_jwks
+from authz.apigee.jwks import BadToken, RemoteTokenKeys
 from authz.apigee.signer import BasicAuthorizer
 from authz.metrics import new_metrics
 from tests.fakes.apigee import FakeApigee
@@ -20,16 +23,10 @@ from tests.support.clock import FakeClock
 CERTS = "http://apigee.test/remote-token/certs"
 OTHER = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 THIRD = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-SMALL = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-EC_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
 def rsa_jwk(private: rsa.RSAPrivateKey, **fields: str) -> dict:
     return {**RSAAlgorithm.to_jwk(private.public_key(), as_dict=True), **fields}
-
-
-def ec_jwk(**fields: str) -> dict:
-    return {**ECAlgorithm.to_jwk(EC_KEY.public_key(), as_dict=True), **fields}
 
 
 @pytest.fixture
@@ -82,44 +79,6 @@ async def test_no_kid_gets_no_key_when_the_set_has_several(keys, fake):
     await keys.refresh()
     assert keys.key("second") is not None and keys.key(fake.signing_kid) is not None
     assert keys.key(None) is None
-
-
-def test_parse_skips_unusable_keys_one_by_one():
-    good = rsa_jwk(OTHER, kid="good", alg="RS256", use="sig")
-    document = {
-        "keys": [
-            "not an object",
-            {"kty": "oct", "kid": "hmac", "k": base64.urlsafe_b64encode(b"s" * 32).decode()},
-            rsa_jwk(OTHER, kid="enc", use="enc"),
-            rsa_jwk(OTHER, kid="hs", alg="HS256"),
-            rsa_jwk(OTHER, kid="none", alg="none"),
-            rsa_jwk(OTHER, kid="alg-list", alg=["RS256"]),
-            {"kty": "OKP", "kid": "ed", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"},
-            rsa_jwk(SMALL, kid="small"),
-            RSAAlgorithm.to_jwk(OTHER, as_dict=True) | {"kid": "private"},
-            ec_jwk(kid="ec-mismatch", alg="ES384"),
-            rsa_jwk(OTHER, kid="rsa-as-ec", alg="ES256"),
-            rsa_jwk(OTHER, kid=7),
-            {"kty": "RSA", "kid": "broken", "n": "AQAB"},
-            good,
-            rsa_jwk(OTHER, kid="good", alg="PS256"),  # a kid listed twice: the first stays
-            rsa_jwk(OTHER, kid="no-alg"),
-            rsa_jwk(OTHER, kid="ps", alg="PS384"),
-            ec_jwk(kid="ec"),
-        ]
-    }
-    found = {key.key_id: key.algorithm_name for key in parse_jwks(document)}
-    assert found == {"good": "RS256", "no-alg": "RS256", "ps": "PS384", "ec": "ES256"}
-
-
-@pytest.mark.parametrize(
-    "document",
-    [{}, {"keys": {}}, {"keys": []}, {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}, {"keys": [{}] * 101}],
-    ids=["no-keys", "keys-object", "empty", "only-hmac", "too-many"],
-)
-def test_parse_refuses_a_set_without_usable_keys(document):
-    with pytest.raises(JWKSError):
-        parse_jwks(document)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""Bearer JWTs from configured issuers: strict validation (validate.py) and key sets (jwks.py)."""
