@@ -27,7 +27,7 @@ log-safe ``reason``; no message ever holds the token or a claim value. Checks, i
   ``nbf > now + clock_skew``; ``iat`` gives ``iat_in_future`` when ``iat > now + clock_skew``; equality
   passes (J12). A bad ``nbf`` or ``iat`` is ``bad_claim``.
 - ``iss``: a string exactly equal to ``rules.issuer`` (no case folding, a trailing ``/`` matters), else
-  ``wrong_issuer`` (J15). ``aud``, when ``rules.audiences`` is non-empty: a string or a list of strings
+  ``wrong_issuer`` (J15); not read when ``rules.issuer`` is None (Apigee's verifyApiKey tokens only). ``aud``, when ``rules.audiences`` is non-empty: a string or a list of strings
   (else ``bad_claim``) with a value in ``rules.audiences`` (missing, empty or none matching:
   ``wrong_audience``) (J14). With no audiences configured ``aud`` is not read.
 """
@@ -62,7 +62,7 @@ _JWS = jwt.PyJWS(algorithms=sorted(ASYMMETRIC), options={"enforce_minimum_key_le
 class Rules:
     """What one issuer's tokens must satisfy."""
 
-    issuer: str  # exact match on "iss"
+    issuer: str | None  # exact match on "iss"; None only for Apigee's verifyApiKey tokens (iss not checked)
     audiences: frozenset[str]  # "aud" must contain one; empty set = aud not checked
     algorithms: frozenset[str]  # allowed "alg" values; only ASYMMETRIC ones are ever accepted
     clock_skew: float = 60.0  # seconds, applied to exp / nbf / iat
@@ -209,7 +209,7 @@ def _check_claims(claims: dict[str, Any], rules: Rules, now: float) -> None:
     if iat is not None and iat > now + rules.clock_skew:
         raise InvalidToken("iat_in_future")
     iss = claims.get("iss")
-    if not isinstance(iss, str) or iss != rules.issuer:
+    if rules.issuer is not None and (not isinstance(iss, str) or iss != rules.issuer):
         raise InvalidToken("wrong_issuer")
     if rules.audiences:
         aud = claims.get("aud", [])

@@ -683,3 +683,10 @@ def test_mutated_tokens_never_validate_and_only_raise_invalid_token(alg, seed):
             reasons["ok"] += 1
     # The mutations reach every stage, not just the first check.
     assert {"malformed", "bad_signature", "alg_not_allowed", "encrypted", "ok"} <= set(reasons), reasons
+
+
+def test_issuer_none_does_not_read_iss():
+    rules = Rules(issuer=None, audiences=RULES.audiences, algorithms=ASYMMETRIC)
+    for iss in ("https://any.example", 5, None):
+        token = forge({"alg": "RS256"}, {**CLAIMS, "iss": iss})
+        assert validate(token, RS256_KEY, rules, NOW)["iss"] == iss
