@@ -27,9 +27,10 @@ log-safe ``reason``; no message ever holds the token or a claim value. Checks, i
   ``nbf > now + clock_skew``; ``iat`` gives ``iat_in_future`` when ``iat > now + clock_skew``; equality
   passes (J12). A bad ``nbf`` or ``iat`` is ``bad_claim``.
 - ``iss``: a string exactly equal to ``rules.issuer`` (no case folding, a trailing ``/`` matters), else
-  ``wrong_issuer`` (J15); not read when ``rules.issuer`` is None (Apigee's verifyApiKey tokens only). ``aud``, when ``rules.audiences`` is non-empty: a string or a list of strings
-  (else ``bad_claim``) with a value in ``rules.audiences`` (missing, empty or none matching:
-  ``wrong_audience``) (J14). With no audiences configured ``aud`` is not read.
+  ``wrong_issuer`` (J15); not read when ``rules.issuer`` is None (Apigee's verifyApiKey tokens only).
+  ``aud``, when ``rules.audiences`` is non-empty: a string or a list of strings (else ``bad_claim``)
+  with a value in ``rules.audiences`` (missing, empty or none matching: ``wrong_audience``) (J14). With
+  no audiences configured ``aud`` is not read.
 """
 
 from __future__ import annotations
