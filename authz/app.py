@@ -55,6 +55,9 @@ def policy_from(config: Config) -> Policy:
         append_metadata_headers=auth.append_metadata_headers,
         api_key_claim=auth.api_key_claim,
         jwt_provider_key=auth.jwt_provider_key,
+        token_headers=tuple(
+            dict.fromkeys((p.header, p.prefix.lower()) for p in auth.jwt_providers if not p.forward)
+        ),
     )
 
 

@@ -51,6 +51,7 @@ class JwtProvider:
     prefix: str = DEFAULT_TOKEN_PREFIX  # matched case-insensitively; "" takes the whole header value
     products: tuple[str, ...] = ()  # granted to every valid token (when the claim is absent)
     claims: ClaimNames = ClaimNames()
+    forward: bool = False  # keep the token in the upstream request (Envoy jwt_authn's "forward")
 
 
 def parse_providers(items: list[_Section]) -> tuple[JwtProvider, ...]:
@@ -92,6 +93,7 @@ def _provider(s: _Section) -> JwtProvider:
         prefix=s.text("prefix", DEFAULT_TOKEN_PREFIX),
         products=s.strings("products"),
         claims=ClaimNames(*(names.text(f, getattr(ClaimNames, f), required=True) for f in _CLAIM_FIELDS)),
+        forward=s.flag("forward"),
     )
 
 

@@ -7,8 +7,9 @@ Shared by ``python -m devstack`` (``make run``, ``make run-apigee``), the e2e fi
   or, without a catalog, Apigee mode (the caller's overrides name ``tenant.remote_service_api``);
 * :func:`start_authz` runs ``python -m authz serve --config FILE [--policy-secret DIR]`` and waits for
   ``/readyz`` (or only ``/livez``: a cold start during an Apigee outage starts unready);
-* :func:`start_stack` does both, then renders ``envoy/sidecar.yaml`` and starts Envoy, and waits until
-  Envoy's ``authz`` cluster is healthy by gRPC health checking (when authz is expected ready).
+* :func:`start_stack` does both, then renders ``envoy/sidecar.yaml`` (or another sidecar template, e.g.
+  ``sidecar-jwt-authn.yaml``) and starts Envoy, and waits until Envoy's ``authz`` cluster is healthy by
+  gRPC health checking (when authz is expected ready).
 
 Imports the standard library, PyYAML and :mod:`devstack` only; never the ``authz`` package (the service
 runs as a subprocess, exactly as deployed).
@@ -208,6 +209,7 @@ def start_stack(
     authz_ready_timeout: float = AUTHZ_READY_TIMEOUT,
     policy_secret_dir: Path | None = None,
     wait_ready: bool = True,
+    envoy_template: str = "sidecar.yaml",
 ) -> Stack:
     """Start authz (config written to ``work_dir/config.yaml``) and an Envoy sidecar in front of it.
 
@@ -219,11 +221,13 @@ def start_stack(
         api_name: if set, every route sends the ext_authz context extension ``apigee_api=<api_name>``;
             if None, authz takes the API from ``:authority``.
         overrides: deep-merged into the authz config.
-        envoy_vars: extra or replacement ``envoy/sidecar.yaml`` variables (e.g. ``EXT_AUTHZ_TIMEOUT``).
+        envoy_vars: extra or replacement variables of the Envoy template (e.g. ``EXT_AUTHZ_TIMEOUT``).
         listen_port, api_port, metrics_port, admin_port: fixed ports; free ones by default.
         policy_secret_dir: passed to authz as ``--policy-secret DIR`` (Apigee X/hybrid).
         wait_ready: False to accept an unready authz (live only), e.g. a cold start during an Apigee
             outage; Envoy is then not waited on to see the authz cluster healthy.
+        envoy_template: the sidecar template under ``envoy/``; it must have the ``authz`` cluster and the
+            variables of ``sidecar.yaml`` (``sidecar-jwt-authn.yaml`` adds its own via ``envoy_vars``).
 
     Raises:
         StartupError: a process died or did not get ready; the message carries its log tail. Whatever
@@ -236,7 +240,7 @@ def start_stack(
                 work_dir, catalog_path, upstream_port, api_name=api_name, overrides=overrides,
                 envoy_vars=envoy_vars, listen_port=listen_port, api_port=api_port,
                 metrics_port=metrics_port, admin_port=admin_port, authz_ready_timeout=authz_ready_timeout,
-                policy_secret_dir=policy_secret_dir, wait_ready=wait_ready,
+                policy_secret_dir=policy_secret_dir, wait_ready=wait_ready, envoy_template=envoy_template,
             )  # fmt: skip
         except StartupError as exc:
             lost_race = "already in use" in str(exc).lower() or "cannot listen" in str(exc).lower()
@@ -260,6 +264,7 @@ def _start_stack_once(
     authz_ready_timeout: float,
     policy_secret_dir: Path | None,
     wait_ready: bool,
+    envoy_template: str,
 ) -> Stack:
     log_dir = work_dir / "logs"
     listen_port = listen_port or free_port()
@@ -280,7 +285,7 @@ def _start_stack_once(
         "UPSTREAM_PORT": upstream_port,
         **(envoy_vars or {}),
     }
-    envoy_config = render("sidecar.yaml", work_dir, variables, api_name=api_name)
+    envoy_config = render(envoy_template, work_dir, variables, api_name=api_name)
     authz_proc = start_authz(
         config_path,
         metrics_port,

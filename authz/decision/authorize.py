@@ -184,13 +184,18 @@ def _authenticate(
 
 
 def _strip(attrs: RequestAttrs, policy: Policy, keep: frozenset[str]) -> tuple[str, ...]:
-    """Headers to remove upstream: the API key and any client-sent x-apigee-* we do not overwrite."""
+    """Headers to remove upstream: the API key, a bearer token (unless its provider forwards it) and any
+    client-sent x-apigee-* we do not overwrite."""
     remove = [
         name
-        for name in attrs.headers
+        for name, value in attrs.headers.items()
         if (name.startswith(md.PREFIX) and name not in keep)
         or name == policy.api_key_header
         or name == FAILURE_MODE_HEADER
+        or any(
+            name == header and value[: len(prefix)].lower() == prefix
+            for header, prefix in policy.token_headers
+        )
     ]
     return tuple(remove)
 

@@ -139,6 +139,8 @@ class Policy:
     append_metadata_headers: bool = False
     api_key_claim: str = ""  # a JWT claim that carries an API key to verify
     jwt_provider_key: str = ""  # which jwt_authn provider's claims to read ("" = any that fits)
+    # (header, lowercase prefix) of bearer tokens removed upstream on allow (providers without forward)
+    token_headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def multi_tenant(self) -> bool:

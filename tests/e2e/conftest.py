@@ -4,11 +4,12 @@
         stack = authz_stack(catalog_yaml(), api_name="orders-api")
         assert http.get(f"{stack.url}/v1/orders").status_code == 401
 
-* ``authz_stack(catalog_yaml, overrides=None, *, api_name=None, envoy_vars=None) -> Stack`` starts, per call,
-  authz on free ports (config + catalog written under ``tmp_path``), waits for its ``/readyz``, starts Envoy
-  from ``envoy/sidecar.yaml`` in front of the session's echo upstream, and waits until Envoy sees the
-  authz cluster healthy. Everything is stopped by PID at teardown. ``module_authz_stack`` is the same
-  factory with module lifetime, for read-only tests that can share one stack.
+* ``authz_stack(catalog_yaml, overrides=None, *, api_name=None, envoy_vars=None, envoy_template=...) -> Stack``
+  starts, per call, authz on free ports (config + catalog written under ``tmp_path``), waits for its
+  ``/readyz``, starts Envoy from ``envoy/sidecar.yaml`` (or the ``envoy_template`` named) in front of the
+  session's echo upstream, and waits until Envoy sees the authz cluster healthy. Everything is stopped by
+  PID at teardown. ``module_authz_stack`` is the same factory with module lifetime, for read-only tests
+  that can share one stack.
 * ``Stack`` (``devstack.stack``) has ``.url``, ``.metrics_url``, ``.admin_port``, ``.admin_url``,
   ``.catalog_path``, ``.config_path``, ``.authz_proc``, ``.envoy_proc``, ``.log_dir``, ``.envoy_stats()``,
   ``.logs()`` and ``.restart_authz()``.
@@ -41,6 +42,7 @@ class StackFactory(Protocol):
         *,
         api_name: str | None = None,
         envoy_vars: Mapping[str, object] | None = None,
+        envoy_template: str = "sidecar.yaml",
     ) -> Stack: ...
 
 
@@ -59,6 +61,7 @@ class _Stacks:
         *,
         api_name: str | None = None,
         envoy_vars: Mapping[str, object] | None = None,
+        envoy_template: str = "sidecar.yaml",
     ) -> Stack:
         work_dir = self._base_dir / f"stack{len(self._stacks)}"
         work_dir.mkdir(parents=True)
@@ -71,6 +74,7 @@ class _Stacks:
             api_name=api_name,
             overrides=overrides,
             envoy_vars=envoy_vars,
+            envoy_template=envoy_template,
         )
         self._stacks.append(stack)
         return stack

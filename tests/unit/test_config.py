@@ -715,7 +715,8 @@ def test_jwt_providers(tmp_path: Path) -> None:
         "      clock_skew: 5s\n"
         "      refresh_interval: 1m\n"
         "      header: X-Corp-Token\n"
-        "      prefix: ''\n",
+        "      prefix: ''\n"
+        "      forward: true\n",
     )
     google, corp = load_config(path).auth.jwt_providers
     assert google == JwtProvider(
@@ -728,7 +729,7 @@ def test_jwt_providers(tmp_path: Path) -> None:
     )
     assert (corp.name, corp.jwks_uri, corp.algorithms, corp.clock_skew) == (
         "corp", "https://login.example.com/realms/corp/certs", ("ES256",), 5.0)  # fmt: skip
-    assert (corp.refresh_interval, corp.header, corp.prefix) == (60.0, "x-corp-token", "")
+    assert (corp.refresh_interval, corp.header, corp.prefix, corp.forward) == (60.0, "x-corp-token", "", True)
 
 
 @pytest.mark.parametrize(

@@ -192,3 +192,15 @@ def test_bad_bearer_token_may_be_let_through_marked_but_unavailable_keys_never()
     policy = dataclasses.replace(POLICY, allow_unauthorized=True)
     assert decide(attrs(), CATALOG, policy, NOW, bearer=DenyReason.INVALID_TOKEN).fail_open
     assert not decide(attrs(), CATALOG, policy, NOW, bearer=DenyReason.TOKEN_UNAVAILABLE).allowed
+
+
+def test_a_bearer_token_is_removed_upstream_unless_forwarded():
+    policy = dataclasses.replace(POLICY, token_headers=(("authorization", "bearer "),))
+    request = RequestAttrs("GET", "/v1/x", "", {":authority": "orders-api", "authorization": "Bearer t"})
+    assert "authorization" in decide(request, CATALOG, policy, NOW, bearer=BEARER).headers_to_remove
+    assert "authorization" not in decide(request, CATALOG, POLICY, NOW, bearer=BEARER).headers_to_remove
+    basic = RequestAttrs(
+        "GET", "/v1/x", "", {":authority": "orders-api", "authorization": "Basic u:p", "x-api-key": "k"}
+    )
+    kept = decide(basic, CATALOG, policy, NOW, lookup_of({"k": KEY_CREDENTIAL}))
+    assert kept.allowed and "authorization" not in kept.headers_to_remove  # not a bearer token: the app's
