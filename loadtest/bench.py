@@ -1,6 +1,6 @@
 """``make bench``: what ext_authz in Python costs, measured through one real Envoy.
 
-Four cases, each through the same Envoy build (``--concurrency 1``) and the same wrk load (closed loop:
+Six cases, each through the same Envoy build (``--concurrency 1``) and the same wrk load (closed loop:
 1 thread, ``--connections`` connections, ``--warmup`` s discarded, then ``--duration`` s measured):
 
   (a) ``envoy/direct.yaml``: Envoy answers 200 itself (direct_response), no ext_authz. The baseline.
@@ -11,8 +11,17 @@ Four cases, each through the same Envoy build (``--concurrency 1``) and the same
   (d) as (c), but the service runs in Apigee mode against a fake Apigee on loopback (a subprocess, see
       ``devstack/apigee.py``) serving the same product and key. One request before the warm-up has the
       key verified and cached; the case fails if the service verified it more than once.
+  (e) as (c), plus one ``auth.jwt_providers`` entry (an RS256 issuer whose JWKS a static file server on
+      loopback serves, see ``loadtest/jwt_issuer.py``): every request carries the same valid bearer
+      token and no API key. The case fails unless the token was verified exactly once (then cached).
+  (f) as (e), but every request carries a different valid token, so each one costs an RS256 verification.
+      The tokens are minted before the case (enough for ``--jwt-rate``, by default 1.15 x the no-op's rate
+      from (b), over warm-up + duration) and fed by ``loadtest/wrk_tokens.lua``; the measured run starts
+      where the warm-up stopped. The case fails if the tokens ran out, or if the service's
+      ``jwt_verifications_total{result="valid"}`` grew by less than the measured requests (less one per
+      connection).
 
-In (b), (c) and (d) the route is a direct_response too, so no upstream server is measured; ext_authz runs
+In (b) to (f) the route is a direct_response too, so no upstream server is measured; ext_authz runs
 before the router, and the bench checks Envoy's ``ext_authz.ok`` counter against the 2xx count.
 
 Pinning (default when there are >= 2 CPUs and ``taskset`` exists): Envoy and wrk share CPU 0, the Python
@@ -31,12 +40,14 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,14 +59,19 @@ from devstack.apigee import FakeKey, apigee_overrides, start_fake_apigee, write_
 from devstack.envoy import envoy_binary, render, start_envoy, stats, wait_cluster_healthy
 from devstack.procs import Proc, StartupError, free_port, http_get, wait_port_open
 from devstack.stack import start_authz, write_authz_config
+from loadtest.jwt_issuer import Issuer, provider_overrides, serve_jwks, write_lines
 
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPT = HERE / "wrk_report.lua"
+WRK_TOKENS_SCRIPT = HERE / "wrk_tokens.lua"  # case (f): one token a request, from a file
 BENCH_API = "bench-api"
 BENCH_PATH = "/v1/bench"
 # Public, bench-only credential; the bench catalog holds its SHA-256.
 BENCH_KEY = "bench-key-4c0f2a9e71d35b68"
-TARGET_OVER_NOOP = 0.9  # the service's throughput as a share of the no-op's, cases (c) and (d)
+TARGET_OVER_NOOP = 0.9  # the service's throughput as a share of the no-op's, cases (c), (d) and (e)
+TARGET_UNIQUE_JWT_OVER_NOOP = 0.6  # case (f): an RS256 verification on every request
+DEFAULT_JWT_RATE = 12_000.0  # req/s (f)'s tokens are minted for when (b) did not run first
+TOKEN_MARGIN = 1.15  # otherwise (f)'s tokens are minted for (b)'s rate x TOKEN_MARGIN: (b) is the ceiling
 READY_TIMEOUT = 30.0
 HEALTHY_TIMEOUT = 10.0
 WRK_EXTRA_TIMEOUT = 30.0  # seconds wrk may overrun its -d before we give up on it
@@ -64,6 +80,8 @@ CASES = {
     "b": "(b) Envoy + ext_authz -> no-op",
     "c": "(c) Envoy + ext_authz -> authz",
     "d": "(d) Envoy + ext_authz -> authz, Apigee",
+    "e": "(e) Envoy + ext_authz -> authz, same JWT",
+    "f": "(f) Envoy + ext_authz -> authz, unique JWTs",
 }
 
 
@@ -79,6 +97,21 @@ class Options:
     ext_authz_timeout: str
     pin: bool
     log_dir: Path
+    jwt_rate: float | None = None  # --jwt-rate
+    noop_rps: float | None = None  # set once (b) has run
+
+
+@dataclass(frozen=True)
+class Load:
+    """What wrk sends: fixed ``headers``, plus with ``tokens`` a file of ``token_count`` bearer tokens, a
+    different one on each request (``wrk_tokens.lua``)."""
+
+    headers: Mapping[str, str]
+    tokens: Path | None = None
+    token_count: int = 0
+
+
+API_KEY_LOAD = Load({"x-api-key": BENCH_KEY})
 
 
 @dataclass
@@ -92,6 +125,7 @@ class Result:
     non_2xx: int = 0
     envoy_cpu: float | None = None
     server_cpu: float | None = None
+    jwt_valid: int | None = None  # valid JWT verifications during the measured run, cases (e) and (f)
     error: str | None = None
 
 
@@ -148,8 +182,9 @@ def cpu_seconds(pid: int) -> float:
 # --- wrk ------------------------------------------------------------------------------------------
 
 
-def run_wrk(url: str, seconds: int, opts: Options, headers: Mapping[str, str]) -> dict[str, float]:
-    """Run wrk against ``url`` and return the WRK_REPORT numbers (latencies in µs)."""
+def run_wrk(url: str, seconds: int, opts: Options, load: Load, first: int = 0) -> dict[str, float]:
+    """Run wrk against ``url`` and return the WRK_REPORT numbers (latencies in µs); with ``load.tokens``,
+    the requests take tokens from line ``first`` (0-based) on and ``sent`` says how many were used."""
     argv = [
         "wrk",
         "--threads",
@@ -161,11 +196,13 @@ def run_wrk(url: str, seconds: int, opts: Options, headers: Mapping[str, str]) -
         "--timeout",
         "2s",
         "--script",
-        str(WRK_SCRIPT),
+        str(WRK_SCRIPT if load.tokens is None else WRK_TOKENS_SCRIPT),
     ]
-    for name, value in headers.items():
+    for name, value in load.headers.items():
         argv += ["--header", f"{name}: {value}"]
     argv.append(url)
+    if load.tokens is not None:
+        argv += ["--", str(load.tokens), str(first)]
     if opts.pin:
         argv = ["taskset", "-c", "0", *argv]
     try:
@@ -192,17 +229,22 @@ def measure(
     admin_port: int,
     opts: Options,
     server: Proc | None = None,
+    load: Load = API_KEY_LOAD,
+    jwt_valid: Callable[[], float] | None = None,
 ) -> Result:
-    """Warm up, then one measured wrk run; validate it against Envoy's counters."""
+    """Warm up, then one measured wrk run; validate it against Envoy's counters. ``jwt_valid`` reads the
+    service's count of valid JWT verifications, before and after the measured run."""
     url = bench_url(listen_port)
-    headers = {"x-api-key": BENCH_KEY}  # sent in every case, so request sizes are equal
+    first = 0  # with load.tokens: the measured run starts where the warm-up stopped
     if opts.warmup > 0:
-        run_wrk(url, opts.warmup, opts, headers)
+        first = int(run_wrk(url, opts.warmup, opts, load).get("sent", 0))
     before = stats(admin_port)
+    valid_before = jwt_valid() if jwt_valid is not None else 0.0
     cpu_before = {p.pid: cpu_seconds(p.pid) for p in (envoy, server) if p is not None}
-    report = run_wrk(url, opts.duration, opts, headers)
+    report = run_wrk(url, opts.duration, opts, load, first)
     cpu_used = {pid: cpu_seconds(pid) - used for pid, used in cpu_before.items()}
     after = stats(admin_port)
+    valid_after = jwt_valid() if jwt_valid is not None else 0.0
 
     def delta(name: str) -> int:
         return after.get(name, 0) - before.get(name, 0)
@@ -220,8 +262,15 @@ def measure(
         non_2xx=max(completed - ok_2xx, int(report["status_errors"])),
         envoy_cpu=cpu_used[envoy.pid] / wall,
         server_cpu=cpu_used[server.pid] / wall if server is not None else None,
+        jwt_valid=round(valid_after - valid_before) if jwt_valid is not None else None,
     )
     problems = []
+    used = first + int(report.get("sent", 0))
+    if load.tokens is not None and used > load.token_count:
+        problems.append(
+            f"the runs needed {used} tokens but {load.token_count} were minted, so some were repeated "
+            "(pass a higher --jwt-rate)"
+        )
     if result.non_2xx:
         codes = {c: delta(f"http.ingress_http.downstream_rq_{c}") for c in ("1xx", "3xx", "4xx", "5xx")}
         problems.append(
@@ -263,16 +312,91 @@ def case_noop(opts: Options, stack: contextlib.ExitStack) -> Result:
     return through_ext_authz("b", api_port, server, opts, stack)
 
 
-def case_authz(opts: Options, stack: contextlib.ExitStack) -> Result:
-    api_port, metrics_port = free_port(), free_port()
+def write_catalog(opts: Options) -> Path:
     catalog = opts.log_dir / "bench-catalog.yaml"
     catalog.write_text(yaml.safe_dump(bench_catalog(), sort_keys=False))
+    return catalog
+
+
+def case_authz(opts: Options, stack: contextlib.ExitStack) -> Result:
+    api_port, metrics_port = free_port(), free_port()
     config = write_authz_config(
-        opts.log_dir / "bench-authz.yaml", catalog_path=catalog, api_port=api_port, metrics_port=metrics_port
+        opts.log_dir / "bench-authz.yaml",
+        catalog_path=write_catalog(opts),
+        api_port=api_port,
+        metrics_port=metrics_port,
     )
     server = start_authz(config, metrics_port, opts.log_dir, name="c-authz", cpu_list=cpu(opts, 1))
     stack.callback(server.stop)
     return through_ext_authz("c", api_port, server, opts, stack)
+
+
+def start_jwt_authz(
+    case: str, issuer: Issuer, opts: Options, stack: contextlib.ExitStack
+) -> tuple[Proc, int, int]:
+    """The issuer's JWKS on loopback, then authz standalone with it as its one JWT provider; returns the
+    server, its gRPC port and its metrics port."""
+    jwks, jwks_uri = serve_jwks(issuer, opts.log_dir, opts.log_dir, name=f"{case}-jwks")
+    stack.callback(jwks.stop)
+    api_port, metrics_port = free_port(), free_port()
+    config = write_authz_config(
+        opts.log_dir / f"{case}-authz.yaml",
+        catalog_path=write_catalog(opts),
+        api_port=api_port,
+        metrics_port=metrics_port,
+        overrides=provider_overrides(jwks_uri),
+    )
+    server = start_authz(config, metrics_port, opts.log_dir, name=f"{case}-authz", cpu_list=cpu(opts, 1))
+    stack.callback(server.stop)
+    return server, api_port, metrics_port
+
+
+def case_jwt_cached(opts: Options, stack: contextlib.ExitStack) -> Result:
+    issuer = Issuer.new()
+    (token,) = issuer.mint([0])
+    server, api_port, metrics_port = start_jwt_authz("e", issuer, opts, stack)
+    result = through_ext_authz(
+        "e",
+        api_port,
+        server,
+        opts,
+        stack,
+        load=Load({"authorization": f"Bearer {token}"}),
+        jwt_valid=lambda: jwt_verifications(metrics_port, "valid"),
+    )
+    verified = jwt_verifications(metrics_port)
+    if result.error is None and verified != 1:
+        result.error = f"the token was verified {verified:.0f} times, not once: the cache was not used"
+    return result
+
+
+def case_jwt_unique(opts: Options, stack: contextlib.ExitStack) -> Result:
+    issuer = Issuer.new()
+    rate = opts.jwt_rate or (opts.noop_rps * TOKEN_MARGIN if opts.noop_rps else DEFAULT_JWT_RATE)
+    count = math.ceil(rate * (opts.warmup + opts.duration))
+    started = time.perf_counter()
+    tokens = write_lines(opts.log_dir / "f-tokens.txt", issuer.mint_many(count))
+    stack.callback(tokens.unlink, missing_ok=True)  # 600 bytes a token: not worth keeping with the logs
+    print(f"  minted {count} RS256 tokens in {time.perf_counter() - started:.1f}s", flush=True)
+    server, api_port, metrics_port = start_jwt_authz("f", issuer, opts, stack)
+    result = through_ext_authz(
+        "f",
+        api_port,
+        server,
+        opts,
+        stack,
+        load=Load({}, tokens, count),
+        jwt_valid=lambda: jwt_verifications(metrics_port, "valid"),
+    )
+    # Each measured request is verified between the two reads of the counter; one request per connection
+    # of slack keeps the check independent of how wrk counts the requests its stop cuts off.
+    needed = result.requests - opts.connections
+    if result.error is None and (result.jwt_valid or 0) < needed:
+        result.error = (
+            f"{result.jwt_valid} valid JWT verifications for {result.requests} requests: "
+            "tokens were served from a cache"
+        )
+    return result
 
 
 def case_apigee(opts: Options, stack: contextlib.ExitStack) -> Result:
@@ -315,13 +439,24 @@ def cache_bench_key(listen_port: int) -> None:
 
 def key_verifications(metrics_port: int) -> float:
     """verifyApiKey calls the service made, whatever their result (``api_key_verifications_total``)."""
+    return metric_sum(metrics_port, "api_key_verifications_total")
+
+
+def jwt_verifications(metrics_port: int, result: str = "") -> float:
+    """Bearer tokens the service verified (``jwt_verifications_total``), only ``result`` ones if given."""
+    return metric_sum(metrics_port, "jwt_verifications_total", f'result="{result}"' if result else "")
+
+
+def metric_sum(metrics_port: int, name: str, label: str = "") -> float:
+    """The sum of the samples of ``name`` on authz's /metrics whose labels include ``label``."""
     status, body = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
     if status != 200:
         raise CaseError(f"authz /metrics answered {status}")
-    lines = body.decode().splitlines()
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("api_key_verifications_total{")
-    )
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name + "{") and label in line.rsplit("}", 1)[0]:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def through_ext_authz(
@@ -331,9 +466,11 @@ def through_ext_authz(
     opts: Options,
     stack: contextlib.ExitStack,
     before: Callable[[int], None] | None = None,
+    load: Load = API_KEY_LOAD,
+    jwt_valid: Callable[[], float] | None = None,
 ) -> Result:
     """Envoy (``bench.yaml``) in front of the ext_authz server on ``api_port``; ``before(listen_port)`` runs
-    once Envoy sees the server healthy, ahead of the warm-up."""
+    once Envoy sees the server healthy, ahead of the warm-up. ``load`` and ``jwt_valid`` go to measure()."""
     listen, admin = free_port(), free_port()
     config = render(
         "bench.yaml",
@@ -350,7 +487,7 @@ def through_ext_authz(
     wait_cluster_healthy(admin, "authz", HEALTHY_TIMEOUT, envoy)
     if before is not None:
         before(listen)
-    return measure(case, listen, envoy, admin, opts, server)
+    return measure(case, listen, envoy, admin, opts, server, load, jwt_valid)
 
 
 def cpu(opts: Options, index: int) -> str | None:
@@ -362,6 +499,8 @@ RUNNERS: dict[str, Callable[[Options, contextlib.ExitStack], Result]] = {
     "b": case_noop,
     "c": case_authz,
     "d": case_apigee,
+    "e": case_jwt_cached,
+    "f": case_jwt_unique,
 }
 
 
@@ -387,13 +526,13 @@ def pct(share: float | None) -> str:
 
 def table(results: list[Result]) -> Iterator[str]:
     yield (
-        f"{'case':40} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8} "
+        f"{'case':44} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8} "
         f"{'envoy cpu':>9} {'py cpu':>7}  status"
     )
     for r in results:
         status = "ok" if r.error is None else "ERROR"
         yield (
-            f"{r.label:40} {fmt(r.rps, '9.0f')} {fmt(r.p50_ms, '7.2f')} {fmt(r.p99_ms, '7.2f')} "
+            f"{r.label:44} {fmt(r.rps, '9.0f')} {fmt(r.p50_ms, '7.2f')} {fmt(r.p99_ms, '7.2f')} "
             f"{r.non_2xx if r.rps is not None else '-':>8} "
             f"{pct(r.envoy_cpu):>9} {pct(r.server_cpu):>7}  {status}"
         )
@@ -422,11 +561,20 @@ def report(results: list[Result], opts: Options) -> None:
     print()
     if b_a is not None:
         print(f"b/a = {b_a:.2f}  (throughput left with a Python ext_authz that does nothing)")
-    for case, what in (("c", "standalone"), ("d", "Apigee mode, key cached")):
+    targets = (
+        ("c", "standalone", TARGET_OVER_NOOP),
+        ("d", "Apigee mode, key cached", TARGET_OVER_NOOP),
+        ("e", "one bearer token, cached", TARGET_OVER_NOOP),
+        ("f", "a new bearer token each request", TARGET_UNIQUE_JWT_OVER_NOOP),
+    )
+    for case, what, target in targets:
         over_b = ratio(by_case, case, "b")
         if over_b is not None:
-            verdict = "meets" if over_b >= TARGET_OVER_NOOP else "BELOW"
-            print(f"{case}/b = {over_b:.2f}  ({what}; {verdict} the target {case}/b >= {TARGET_OVER_NOOP})")
+            verdict = "meets" if over_b >= target else "BELOW"
+            print(f"{case}/b = {over_b:.2f}  ({what}; {verdict} the target {case}/b >= {target})")
+    for r in results:
+        if r.jwt_valid is not None and r.rps is not None:
+            print(f"{r.case}: {r.jwt_valid} valid JWT verifications for {r.requests} measured requests")
     for r in results:
         if r.error:
             print(f"\n{r.label} ERROR: {r.error}")
@@ -437,12 +585,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.bench", description="Envoy direct vs + no-op Python ext_authz vs + authz"
     )
+    every = "".join(CASES)
     parser.add_argument("--duration", type=int, default=10, help="measured seconds per case (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per case (default 2)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
-    parser.add_argument("--cases", default="abcd", help="which cases to run, e.g. 'ab' (default abcd)")
+    parser.add_argument("--cases", default=every, help=f"which cases to run, e.g. 'bef' (default {every})")
     parser.add_argument("--ext-authz-timeout", default="0.5s", help="Envoy ext_authz timeout (default 0.5s)")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin with taskset")
+    parser.add_argument(
+        "--jwt-rate",
+        type=float,
+        help=f"req/s to mint (f)'s tokens for (default: (b)'s x {TOKEN_MARGIN}, else {DEFAULT_JWT_RATE:.0f})",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     unknown = set(args.cases) - set(CASES)
@@ -464,8 +618,13 @@ def main(argv: list[str] | None = None) -> int:
         ext_authz_timeout=args.ext_authz_timeout,
         pin=pin,
         log_dir=Path(tempfile.mkdtemp(prefix="authz-bench-")),
+        jwt_rate=args.jwt_rate,
     )
-    results = [run_case(case, opts) for case in CASES if case in args.cases]
+    results = []
+    for case in (c for c in CASES if c in args.cases):
+        results.append(run_case(case, opts))
+        if case == "b" and results[-1].error is None:
+            opts.noop_rps = results[-1].rps
     report(results, opts)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
