@@ -56,7 +56,7 @@ MAX_KID_CHARS = 256  # a kid is only a dictionary key
 MAX_NUMERIC_DATE = 1e12  # seconds: year 33658; a millisecond timestamp is larger
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 # Minimum key lengths raise instead of warning once per request; jwks.py already drops short keys.
-_JWS = jwt.PyJWS(algorithms=sorted(ASYMMETRIC), options={"enforce_minimum_key_length": True})
+MIN_RSA_BITS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,17 +107,51 @@ def validate(token: str, key: jwt.PyJWK, rules: Rules, now: float) -> dict[str, 
     Raises:
         InvalidToken: with the ``reason`` of the first rule that fails (see the module docstring).
     """
-    head, payload, _ = _segments(token, rules.max_token_bytes)
-    alg = _check_header(_object(head, "duplicate_header"), rules)["alg"]
-    if alg != key.algorithm_name:
-        raise InvalidToken("alg_mismatch")
+    return check(parse(token, rules.max_token_bytes), key, rules, now)
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A token decoded once (shape, base64 and JSON checked), NOT verified."""
+
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
+def parse(token: str, max_token_bytes: int = 8192) -> Parsed:
+    """Decode the three segments once; ``check`` then verifies. Raises InvalidToken."""
+    head, payload, signature = _segments(token, max_token_bytes)
+    header_ = _object(head, "duplicate_header")
     claims = _object(payload, "duplicate_claim")
+    return Parsed(header_, claims, token.rpartition(".")[0].encode("ascii"), signature)
+
+
+def check_header(parsed: Parsed, rules: Rules) -> dict[str, Any]:
+    """The header rules for ``rules`` (before the key is chosen by kid). Raises InvalidToken."""
+    return _check_header(parsed.header, rules)
+
+
+def check(parsed: Parsed, key: jwt.PyJWK, rules: Rules, now: float) -> dict[str, Any]:
+    """Header rules, the signature by ``key`` (its pinned algorithm only), then the claims at ``now``."""
+    if _check_header(parsed.header, rules)["alg"] != key.algorithm_name:
+        raise InvalidToken("alg_mismatch")
+    _verify_signature(parsed, key)
+    _check_claims(parsed.claims, rules, now)
+    return parsed.claims
+
+
+def _verify_signature(parsed: Parsed, key: jwt.PyJWK) -> None:
+    public = key.key
+    if getattr(public, "key_size", MIN_RSA_BITS) < MIN_RSA_BITS and key.algorithm_name[:2] in ("RS", "PS"):
+        raise InvalidToken("bad_signature")  # a short RSA key (jwks.py drops them too)
     try:
-        _JWS.decode_complete(token, key, algorithms=[key.algorithm_name])
+        ok = key.Algorithm.verify(parsed.signing_input, public, parsed.signature)
     except (jwt.PyJWTError, ValueError, TypeError):
-        raise InvalidToken("bad_signature") from None
-    _check_claims(claims, rules, now)
-    return claims
+        ok = False  # e.g. an ECDSA signature of the wrong length
+    if not ok:
+        raise InvalidToken("bad_signature")
 
 
 def _segments(token: str, max_bytes: int) -> tuple[bytes, bytes, bytes]:

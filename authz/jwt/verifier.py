@@ -16,12 +16,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jwt
+
 from authz.clock import Clock
 from authz.config_providers import JwtProvider
 from authz.decision.claims import product_list
 from authz.decision.model import AuthContext, DenyReason
 from authz.jwt.jwks import JwksCache
-from authz.jwt.validate import InvalidToken, Rules, header, unverified_claims, validate
+from authz.jwt.validate import InvalidToken, Parsed, Rules, check, check_header, parse
 from authz.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -108,31 +110,65 @@ class BearerTokens:
             del self._bad[digest]
         return None
 
+    def verify_now(self, token: str) -> Verified | DenyReason | None:
+        """Verify without waiting when the issuer's key is in memory (the usual case); None when the key
+        must be fetched first (then call ``verify``)."""
+        return self._run(token, self._digest(token), None, fetched_keys=False)
+
     async def verify(self, token: str) -> Verified | DenyReason:
-        """Verify and cache; concurrent calls for one token share one verification (single flight)."""
-        digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+        """Verify and cache, fetching the issuer's keys if needed; concurrent calls for one token share one
+        verification (single flight)."""
+        digest = self._digest(token)
         task = self._inflight.get(digest)
         if task is None:
             task = self._inflight[digest] = asyncio.ensure_future(self._verify(token, digest))
             task.add_done_callback(lambda _: self._inflight.pop(digest, None))
         return await asyncio.shield(task)
 
+    @staticmethod
+    def _digest(token: str) -> bytes:
+        return hashlib.sha256(token.encode("utf-8", "replace")).digest()
+
     async def _verify(self, token: str, digest: bytes) -> Verified | DenyReason:
-        """Keys unobtainable (never loaded) is TOKEN_UNAVAILABLE, not a bad token, and is not cached."""
+        found = self._run(token, digest, None, fetched_keys=False)
+        if found is not None:
+            return found
+        try:  # _run just parsed this token and passed these checks: only the key was missing
+            parsed = parse(token, self._max_bytes)
+            provider = self._provider(parsed)
+            key = await provider.keys.key_for(check_header(parsed, provider.rules).get("kid"))
+        except InvalidToken:
+            return DenyReason.INVALID_TOKEN
+        found = self._run(token, digest, key, fetched_keys=True)
+        return found if found is not None else DenyReason.TOKEN_UNAVAILABLE
+
+    def _provider(self, parsed: Parsed) -> Provider:
+        issuer = parsed.claims.get("iss")
+        provider = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
+        if provider is None:
+            raise InvalidToken("unknown_issuer")
+        return provider
+
+    def _run(
+        self, token: str, digest: bytes, fetched: jwt.PyJWK | None, *, fetched_keys: bool
+    ) -> Verified | DenyReason | None:
+        """One verification: the token parsed once, its provider by ``iss``, its key by ``kid`` (from
+        memory, or ``fetched``). None when the key is not in memory and no fetch was tried yet. After a
+        fetch, keys that never loaded give TOKEN_UNAVAILABLE (not a bad token, not cached)."""
         provider: Provider | None = None
         try:
-            issuer = unverified_claims(token, self._max_bytes).get("iss")
-            provider = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
-            if provider is None:
-                raise InvalidToken("unknown_issuer")
-            kid = header(token, provider.rules).get("kid")
-            key = provider.keys.key(kid) or await provider.keys.key_for(kid)
+            parsed = parse(token, self._max_bytes)
+            provider = self._provider(parsed)
+            kid = check_header(parsed, provider.rules).get("kid")
+            key = provider.keys.key(kid) or fetched
             if key is None:
+                if not fetched_keys:
+                    return None
                 if not provider.keys.loaded:
                     self._count(provider, "keys_unavailable")
                     return DenyReason.TOKEN_UNAVAILABLE  # not cached: the next request retries
                 raise InvalidToken("unknown_kid")
-            claims = validate(token, key, provider.rules, self._clock.now())
+            claims = check(parsed, key, provider.rules, self._clock.now())
         except InvalidToken as exc:
             self._count(provider, exc.reason)
             log.info("bearer token rejected (%s): %s", provider.config.name if provider else "-", exc.reason)

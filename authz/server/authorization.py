@@ -59,6 +59,8 @@ class TokenSource(Protocol):
 
     def lookup(self, token: str) -> Verified | DenyReason | None: ...
 
+    def verify_now(self, token: str) -> Verified | DenyReason | None: ...
+
     async def verify(self, token: str) -> Verified | DenyReason: ...
 
 
@@ -171,7 +173,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         token = self._tokens.find(attrs.headers)
         if token is None:
             return None, _FOREVER
-        found = self._tokens.lookup(token)
+        found = self._tokens.lookup(token) or self._tokens.verify_now(token)  # no await when keys are here
         if found is None:
             found = await self._bounded(self._tokens.verify(token), DenyReason.TOKEN_UNAVAILABLE)
         if isinstance(found, DenyReason):

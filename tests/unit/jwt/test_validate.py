@@ -690,3 +690,9 @@ def test_issuer_none_does_not_read_iss():
     for iss in ("https://any.example", 5, None):
         token = forge({"alg": "RS256"}, {**CLAIMS, "iss": iss})
         assert validate(token, RS256_KEY, rules, NOW)["iss"] == iss
+
+
+def test_a_short_rsa_key_never_verifies():
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    token = forge({"alg": "RS256"}, CLAIMS, private=weak)
+    assert outcome(token, key=pin(weak, "RS256")) == "bad_signature"

@@ -138,3 +138,14 @@ def test_claims_map_to_the_caller(claims, auth):
     names = ClaimNames(products="products", client_id="azp", application="sub", developer_email="email")
     provider = JwtProvider(name="p", issuer="https://i", audiences=("a",), products=("fixed",), claims=names)
     assert auth_from_claims(provider, claims) == auth
+
+
+async def test_verify_now_needs_no_await_once_the_keys_are_in_memory(tokens, oidc, metrics):
+    first = oidc.mint({"n": 1})
+    assert tokens.verify_now(first) is None  # keys never fetched: the caller must await verify
+    assert isinstance(await tokens.verify(first), Verified)
+    second = oidc.mint({"n": 2})
+    assert isinstance(tokens.verify_now(second), Verified)
+    assert tokens.verify_now(oidc.mint({}, kid="rotated-later")) is None  # unknown kid: a fetch may help
+    assert tokens.verify_now(oidc.mint({"aud": "other"})) is DenyReason.INVALID_TOKEN
+    assert results(metrics, "valid") == 2
