@@ -78,6 +78,7 @@ class BearerTokens:
         self._good: OrderedDict[bytes, Verified] = OrderedDict()
         self._bad: OrderedDict[bytes, tuple[DenyReason, float]] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[Verified | DenyReason]] = {}
+        self._counters: dict[tuple[str, str], Any] = {}
 
     @property
     def headers(self) -> tuple[str, ...]:
@@ -96,7 +97,18 @@ class BearerTokens:
 
     def lookup(self, token: str) -> Verified | DenyReason | None:
         """The cached answer for ``token``, or None when it must be verified. No I/O."""
-        digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+        return self._cached(self._digest(token))
+
+    def check_now(self, token: str) -> tuple[Verified | DenyReason | None, bool]:
+        """The cached answer, else a verification without waiting when the issuer's key is in memory;
+        None when keys must be fetched (then await ``verify``). The flag says the answer was cached."""
+        digest = self._digest(token)
+        cached = self._cached(digest)
+        if cached is not None:
+            return cached, True
+        return self._run(token, digest, None, fetched_keys=False), False
+
+    def _cached(self, digest: bytes) -> Verified | DenyReason | None:
         now = self._clock.now()
         good = self._good.get(digest)
         if good is not None:
@@ -109,11 +121,6 @@ class BearerTokens:
                 return bad[0]
             del self._bad[digest]
         return None
-
-    def verify_now(self, token: str) -> Verified | DenyReason | None:
-        """Verify without waiting when the issuer's key is in memory (the usual case); None when the key
-        must be fetched first (then call ``verify``)."""
-        return self._run(token, self._digest(token), None, fetched_keys=False)
 
     async def verify(self, token: str) -> Verified | DenyReason:
         """Verify and cache, fetching the issuer's keys if needed; concurrent calls for one token share one
@@ -182,7 +189,12 @@ class BearerTokens:
 
     def _count(self, provider: Provider | None, result: str) -> None:
         name = provider.config.name if provider is not None else "-"
-        self._metrics.jwt_verifications.labels(self._org, name, result).inc()
+        counter = self._counters.get((name, result))
+        if counter is None:  # reason codes and provider names are bounded sets
+            counter = self._counters[(name, result)] = self._metrics.jwt_verifications.labels(
+                self._org, name, result
+            )
+        counter.inc()
 
     @staticmethod
     def _remember(cache: OrderedDict[bytes, Any], digest: bytes, value: Any) -> None:

@@ -59,7 +59,7 @@ class TokenSource(Protocol):
 
     def lookup(self, token: str) -> Verified | DenyReason | None: ...
 
-    def verify_now(self, token: str) -> Verified | DenyReason | None: ...
+    def check_now(self, token: str) -> tuple[Verified | DenyReason | None, bool]: ...
 
     async def verify(self, token: str) -> Verified | DenyReason: ...
 
@@ -116,11 +116,12 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             else:
                 attrs = codec.request_attrs(request)
                 api_key, found = await self._verified_key(attrs, catalog)
-                bearer, bearer_until = await self._verified_token(attrs, catalog)
+                bearer, bearer_until, seen = await self._verified_token(attrs, catalog)
                 lookup = None if found is None else _answer(found)
                 decision = decide(attrs, catalog, self._policy, now, lookup, bearer)
                 response = codec.encode(decision)
-                if key is not None and decision.reason is None:
+                # A token seen for the first time is usually seen only once: no allow entry for it.
+                if key is not None and decision.reason is None and seen:
                     if len(self._allows) >= ALLOW_CACHE_SIZE:
                         self._allows.clear()
                     credential = found if isinstance(found, Credential) else None
@@ -166,19 +167,20 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
     async def _verified_token(
         self, attrs: Any, catalog: Catalog | None
-    ) -> tuple[AuthContext | DenyReason | None, float]:
-        """With token providers, the caller a bearer token names (or why it fails) and until when."""
+    ) -> tuple[AuthContext | DenyReason | None, float, bool]:
+        """With token providers, the caller a bearer token names (or why it fails), until when, and
+        whether the token was seen before (its answer came from the cache)."""
         if self._tokens is None or catalog is None:
-            return None, _FOREVER
+            return None, _FOREVER, True
         token = self._tokens.find(attrs.headers)
         if token is None:
-            return None, _FOREVER
-        found = self._tokens.lookup(token) or self._tokens.verify_now(token)  # no await when keys are here
+            return None, _FOREVER, True
+        found, seen = self._tokens.check_now(token)  # no await when the issuer's keys are in memory
         if found is None:
             found = await self._bounded(self._tokens.verify(token), DenyReason.TOKEN_UNAVAILABLE)
         if isinstance(found, DenyReason):
-            return found, _FOREVER
-        return found.auth, found.valid_until
+            return found, _FOREVER, seen
+        return found.auth, found.valid_until, seen
 
     def _record(self, decision: Decision, attrs: Any, elapsed: float) -> None:
         env = decision.environment or self._policy.env

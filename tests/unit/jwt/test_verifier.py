@@ -140,12 +140,14 @@ def test_claims_map_to_the_caller(claims, auth):
     assert auth_from_claims(provider, claims) == auth
 
 
-async def test_verify_now_needs_no_await_once_the_keys_are_in_memory(tokens, oidc, metrics):
+async def test_check_now_needs_no_await_once_the_keys_are_in_memory(tokens, oidc, metrics):
     first = oidc.mint({"n": 1})
-    assert tokens.verify_now(first) is None  # keys never fetched: the caller must await verify
-    assert isinstance(await tokens.verify(first), Verified)
+    assert tokens.check_now(first) == (None, False)  # keys never fetched: the caller must await verify
+    verified = await tokens.verify(first)
+    assert tokens.check_now(first) == (verified, True)  # from the cache
     second = oidc.mint({"n": 2})
-    assert isinstance(tokens.verify_now(second), Verified)
-    assert tokens.verify_now(oidc.mint({}, kid="rotated-later")) is None  # unknown kid: a fetch may help
-    assert tokens.verify_now(oidc.mint({"aud": "other"})) is DenyReason.INVALID_TOKEN
+    found, cached = tokens.check_now(second)
+    assert isinstance(found, Verified) and not cached
+    assert tokens.check_now(oidc.mint({}, kid="rotated-later")) == (None, False)  # a fetch may help
+    assert tokens.check_now(oidc.mint({"aud": "other"})) == (DenyReason.INVALID_TOKEN, False)
     assert results(metrics, "valid") == 2
