@@ -99,7 +99,10 @@ class _Tokens:
             else:
                 uri = p.jwks_uri or None
                 source = JwksSource(self.http, p.issuer, uri, metrics=metrics, org=org, provider=p.name)
-                keys = JwksCache(source, org, p.name, metrics, clock, refresh_interval=p.refresh_interval)
+                keys = JwksCache(
+                    source, org, p.name, metrics, clock,
+                    refresh_interval=p.refresh_interval, unknown_kid_cooldown=p.unknown_kid_cooldown,
+                )  # fmt: skip
                 self.caches.append(keys)
             rules = Rules(p.issuer, frozenset(p.audiences), frozenset(p.algorithms), p.clock_skew)
             providers.append(Provider(p, rules, keys))

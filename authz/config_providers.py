@@ -20,6 +20,8 @@ ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "
 DEFAULT_CLOCK_SKEW = 60.0
 DEFAULT_JWKS_REFRESH = 300.0
 MIN_JWKS_REFRESH = 10.0
+DEFAULT_UNKNOWN_KID_COOLDOWN = 30.0
+MIN_UNKNOWN_KID_COOLDOWN = 1.0
 DEFAULT_TOKEN_HEADER = "authorization"  # noqa: S105 - a header name
 DEFAULT_TOKEN_PREFIX = "Bearer "  # noqa: S105 - a scheme
 APIGEE_PROVIDER = "apigee"
@@ -47,6 +49,7 @@ class JwtProvider:
     algorithms: tuple[str, ...] = ASYMMETRIC_ALGORITHMS
     clock_skew: float = DEFAULT_CLOCK_SKEW
     refresh_interval: float = DEFAULT_JWKS_REFRESH
+    unknown_kid_cooldown: float = DEFAULT_UNKNOWN_KID_COOLDOWN  # at most one refetch per this, for new kids
     header: str = DEFAULT_TOKEN_HEADER  # lowercase: Envoy lowercases header names
     prefix: str = DEFAULT_TOKEN_PREFIX  # matched case-insensitively; "" takes the whole header value
     products: tuple[str, ...] = ()  # granted to every valid token (when the claim is absent)
@@ -89,6 +92,9 @@ def _provider(s: _Section) -> JwtProvider:
         algorithms=algorithms,
         clock_skew=s.duration("clock_skew", DEFAULT_CLOCK_SKEW),
         refresh_interval=s.duration("refresh_interval", DEFAULT_JWKS_REFRESH, MIN_JWKS_REFRESH),
+        unknown_kid_cooldown=s.duration(
+            "unknown_kid_cooldown", DEFAULT_UNKNOWN_KID_COOLDOWN, MIN_UNKNOWN_KID_COOLDOWN
+        ),
         header=s.text("header", DEFAULT_TOKEN_HEADER, required=True).lower(),
         prefix=s.text("prefix", DEFAULT_TOKEN_PREFIX),
         products=s.strings("products"),

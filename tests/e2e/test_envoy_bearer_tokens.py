@@ -223,6 +223,21 @@ def test_rotated_key_is_used_after_one_refetch_and_a_retired_one_is_refused(auth
         assert outcome(send(http, stack, mint(oidc, kid=old_kid))) == (401, "invalid_token")
 
 
+def test_a_new_kid_is_fetched_on_demand_after_the_cooldown(authz_stack, http):
+    with OidcThread(FakeOidc(audience=AUDIENCE)) as oidc:
+        stack = authz_stack(catalog_yaml(), overrides(oidc, unknown_kid_cooldown="1s"), api_name=ORDERS_API)
+        fetched = oidc.calls("jwks")
+        new_kid = oidc.call(oidc.fake.rotate)
+        poll(
+            lambda: outcome(send(http, stack, mint(oidc, kid=new_kid))),
+            lambda o: o == (200, ""),
+            "a token signed with a key published after start-up",
+            timeout=5.0,
+        )
+        # Within the cooldown the new kid is refused without a fetch; after it, one fetch finds it.
+        assert oidc.calls("jwks") == fetched + 1
+
+
 def test_apigee_mode_remote_token_grants_its_api_product_list(tmp_path, echo_upstream, envoy_bin, http):
     secret = write_policy_secret(tmp_path / "policy-secret")
     fake = FakeApigee(org="demo", env="test", policy_jwks=secret.jwks)

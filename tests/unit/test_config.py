@@ -714,6 +714,7 @@ def test_jwt_providers(tmp_path: Path) -> None:
         "      algorithms: [ES256]\n"
         "      clock_skew: 5s\n"
         "      refresh_interval: 1m\n"
+        "      unknown_kid_cooldown: 5s\n"
         "      header: X-Corp-Token\n"
         "      prefix: ''\n"
         "      forward: true\n",
@@ -730,6 +731,7 @@ def test_jwt_providers(tmp_path: Path) -> None:
     assert (corp.name, corp.jwks_uri, corp.algorithms, corp.clock_skew) == (
         "corp", "https://login.example.com/realms/corp/certs", ("ES256",), 5.0)  # fmt: skip
     assert (corp.refresh_interval, corp.header, corp.prefix, corp.forward) == (60.0, "x-corp-token", "", True)
+    assert (corp.unknown_kid_cooldown, google.unknown_kid_cooldown) == (5.0, 30.0)
 
 
 @pytest.mark.parametrize(
@@ -759,6 +761,8 @@ def test_jwt_providers(tmp_path: Path) -> None:
         ("    - {issuer: https://i.example, audiences: [a], refresh_interval: 1s}\n",
          "auth.jwt_providers[0].refresh_interval: must be at least 10s, got 1s"),
         ("    - https://i.example\n", "auth.jwt_providers[0]: expected a mapping, got string"),
+        ("    - {issuer: https://i.example, audiences: [a], unknown_kid_cooldown: 100ms}\n",
+         "auth.jwt_providers[0].unknown_kid_cooldown: must be at least 1s, got 100ms"),
     ],
 )  # fmt: skip
 def test_invalid_jwt_providers(tmp_path: Path, providers: str, problem: str) -> None:
