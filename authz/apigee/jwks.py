@@ -9,31 +9,17 @@ label ``apigee-remote-token``. ``decode`` checks a token against these keys: the
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any
 
 from authz.apigee.client import ApigeeClient
 from authz.clock import Clock
 from authz.errors import AuthzError
-from authz.jwt.jwks import ALLOWED_ALGORITHMS, RETRY_AFTER_FAILURE, JwksCache, JWKSError, parse_jwks
+from authz.jwt.jwks import JwksCache
 from authz.jwt.validate import ASYMMETRIC, InvalidToken, Rules, header, validate
 from authz.metrics import Metrics
 
-__all__ = [
-    "ALLOWED_ALGORITHMS",
-    "AUDIENCE",
-    "PROVIDER",
-    "RETRY_AFTER_FAILURE",
-    "BadToken",
-    "JWKSError",
-    "RemoteTokenKeys",
-    "parse_jwks",
-]
-
 AUDIENCE = "remote-service-client"
 MAX_TOKEN_CHARS = 16 * 1024  # reliability.md J18: no parsing of huge tokens
-MAX_KID_CHARS = 256  # J05
 PROVIDER = "apigee-remote-token"  # the provider label of this key set in metrics
 
 
@@ -41,16 +27,6 @@ class BadToken(AuthzError):
     """A remote-token JWT that does not verify. The message never holds the token."""
 
     code = "bad_token"
-
-
-def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
-    value = claims[name]
-    try:
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-    except OverflowError:
-        pass
-    raise BadToken(f"{name} is not a finite number")  # J16: never read an odd value as absent
 
 
 class RemoteTokenKeys(JwksCache):

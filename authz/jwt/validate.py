@@ -92,15 +92,6 @@ def header(token: str, rules: Rules) -> dict[str, Any]:
     return _check_header(_object(_segments(token, rules.max_token_bytes)[0], "duplicate_header"), rules)
 
 
-def unverified_claims(token: str, max_token_bytes: int = 8192) -> dict[str, Any]:
-    """The payload, NOT verified: only for choosing the issuer's rules and key set by ``iss``.
-
-    Raises:
-        InvalidToken: too large, malformed, or a duplicate claim.
-    """
-    return _object(_segments(token, max_token_bytes)[1], "duplicate_claim")
-
-
 def validate(token: str, key: jwt.PyJWK, rules: Rules, now: float) -> dict[str, Any]:
     """The claims of ``token`` once its signature by ``key`` and its claims hold at ``now``.
 

@@ -13,9 +13,9 @@ import collections
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +25,7 @@ from devstack.upstream import EchoUpstream
 from tests.fakes.apigee import FakeApigee
 from tests.support.apigee_config import PolicySecretFiles, write_policy_secret
 from tests.support.apigee_thread import ApigeeThread
+from tests.support.http_polling import outcome, poll
 
 pytestmark = pytest.mark.e2e
 
@@ -52,10 +53,6 @@ KEYS = {ORDERS_KEY: ["orders"], LEGACY_KEY: ["legacy"], OTHER_KEY: ["orders"]}
 # a slow verifyApiKey is answered by the service (503 auth_unavailable), not by Envoy's timeout.
 EXT_AUTHZ_TIMEOUT = "1s"
 REFRESH_RATE = "1s"  # products poll (and retry) every second
-DEADLINE = 10.0  # seconds the service gets to follow a change of Apigee's state
-POLL_INTERVAL = 0.05
-
-T = TypeVar("T")
 
 
 class ApigeeStacks:
@@ -142,25 +139,6 @@ def send(
     if key is not None:
         headers["x-api-key"] = key
     return http.request(method, stack.url + path, headers=headers)
-
-
-def outcome(response: httpx.Response) -> tuple[int, str]:
-    """(HTTP status, deny reason); the reason is "" for a response from the upstream."""
-    if response.status_code == 200:
-        return 200, ""
-    return response.status_code, response.json().get("reason", "")
-
-
-def poll(probe: Callable[[], T], done: Callable[[T], bool], what: str, timeout: float = DEADLINE) -> T:
-    """Call ``probe`` until ``done(value)``; fail with the last value when ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if done(value):
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not after {timeout:.0f}s, last {value!r}")
-        time.sleep(POLL_INTERVAL)
 
 
 def readyz(http: httpx.Client, stack: Stack) -> tuple[int, dict[str, Any]]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import jwt
@@ -29,6 +29,7 @@ from tests.support.apigee_config import write_policy_secret
 from tests.support.apigee_thread import ApigeeThread
 from tests.support.catalogs import ORDERS_KEY, catalog_yaml
 from tests.support.fake_thread import OidcThread
+from tests.support.http_polling import outcome, poll
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import StackFactory
@@ -47,8 +48,6 @@ CALLER = {  # a Google service account's ID token
     "email_verified": True,
 }
 CHALLENGE = 'Bearer error="invalid_token"'
-DEADLINE = 10.0  # seconds the service gets to follow an issuer's change
-POLL_INTERVAL = 0.05
 _serial = itertools.count()
 # Apigee mode: the products FakeApigee serves (apigee-adapter.md §3.1 shapes).
 APIGEE_PRODUCTS: list[dict[str, Any]] = [
@@ -59,8 +58,6 @@ APIGEE_PRODUCTS: list[dict[str, Any]] = [
     {"name": "legacy", "environments": ["test"], "apiResources": ["/v1/**"],
      "attributes": [{"name": "apigee-remote-service-targets", "value": "legacy.example.com"}]},
 ]  # fmt: skip
-
-T = TypeVar("T")
 
 
 def provider(oidc: OidcThread, **more: Any) -> dict[str, Any]:
@@ -103,25 +100,6 @@ def send(
     if key is not None:
         sent["x-api-key"] = key
     return http.request(method, stack.url + path, headers=sent)
-
-
-def outcome(response: httpx.Response) -> tuple[int, str]:
-    """(HTTP status, the service's deny reason); the reason is "" from the upstream or from Envoy itself."""
-    if response.status_code == 200 or "json" not in response.headers.get("content-type", ""):
-        return response.status_code, ""
-    return response.status_code, response.json().get("reason", "")
-
-
-def poll(probe: Callable[[], T], done: Callable[[T], bool], what: str, timeout: float = DEADLINE) -> T:
-    """Call ``probe`` until ``done(value)``; fail with the last value when ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if done(value):
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not after {timeout:.0f}s, last {value!r}")
-        time.sleep(POLL_INTERVAL)
 
 
 @pytest.fixture(scope="module")

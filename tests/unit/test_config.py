@@ -217,6 +217,16 @@ def test_provision_stream_runs_in_apigee_mode(tmp_path: Path) -> None:
     assert config.policy_secret == PolicySecret(kid="2024-01-01T00:00:00Z", private_key_pem=pem, jwks=jwks)
 
 
+def _policy_secret_dir(tmp_path: Path) -> tuple[Path, str, str]:
+    """The three policy-secret files in ``tmp_path/policy-secret``; returns (dir, pem, jwks)."""
+    _, pem, jwks, _, properties = _provision_output("")
+    secret_dir = tmp_path / "policy-secret"
+    secret_dir.mkdir()
+    for name, text in (("crt", jwks), ("key", pem), ("properties", properties)):
+        (secret_dir / f"remote-service.{name}").write_text(text)
+    return secret_dir, pem, jwks
+
+
 def _apigee_plain_config(tmp_path: Path) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(
@@ -227,11 +237,7 @@ def _apigee_plain_config(tmp_path: Path) -> Path:
 
 
 def test_policy_secret_from_a_directory(tmp_path: Path) -> None:
-    _, pem, jwks, _, properties = _provision_output("")
-    secret_dir = tmp_path / "policy-secret"
-    secret_dir.mkdir()
-    for name, text in (("crt", jwks), ("key", pem), ("properties", properties)):
-        (secret_dir / f"remote-service.{name}").write_text(text)
+    secret_dir, pem, jwks = _policy_secret_dir(tmp_path)
 
     config = load_config(_apigee_plain_config(tmp_path), policy_secret_dir=str(secret_dir))
 
@@ -786,11 +792,7 @@ def test_apigee_mode_adds_the_remote_token_provider(tmp_path: Path) -> None:
 
 
 def test_a_configured_remote_token_provider_replaces_the_default(tmp_path: Path) -> None:
-    _, pem, jwks, _, properties = _provision_output("")
-    secret_dir = tmp_path / "policy-secret"
-    secret_dir.mkdir()
-    for name, text in (("crt", jwks), ("key", pem), ("properties", properties)):
-        (secret_dir / f"remote-service.{name}").write_text(text)
+    secret_dir, pem, jwks = _policy_secret_dir(tmp_path)
     tenant = "  remote_service_api: https://apigee.example.com/remote-service\n  org_name: acme\n  env_name: test\n"
     path = _with_providers(
         tmp_path,
@@ -808,11 +810,7 @@ def test_a_configured_remote_token_provider_replaces_the_default(tmp_path: Path)
 
 
 def test_effective_config_with_providers_loads_back(tmp_path: Path) -> None:
-    _, pem, jwks, _, properties = _provision_output("")
-    secret_dir = tmp_path / "policy-secret"
-    secret_dir.mkdir()
-    for name, text in (("crt", jwks), ("key", pem), ("properties", properties)):
-        (secret_dir / f"remote-service.{name}").write_text(text)
+    secret_dir, pem, jwks = _policy_secret_dir(tmp_path)
     config = load_config(_apigee_plain_config(tmp_path), policy_secret_dir=str(secret_dir))
     effective = effective_config(config)
     assert effective["auth"]["jwt_providers"][0]["claims"]["products"] == "api_product_list"

@@ -3,7 +3,6 @@
 Parsing and the cache itself are tested generically in tests/unit/jwt/test_jwks_cache.py.
 """
 
-import asyncio
 import base64
 import json
 
@@ -74,13 +73,6 @@ async def test_refresh_loads_the_key_pinned_to_its_algorithm(keys, fake, metrics
     assert refreshes(metrics, "ok") == 1
 
 
-async def test_no_kid_gets_no_key_when_the_set_has_several(keys, fake):
-    fake.jwks["keys"].append(rsa_jwk(OTHER, kid="second"))
-    await keys.refresh()
-    assert keys.key("second") is not None and keys.key(fake.signing_kid) is not None
-    assert keys.key(None) is None
-
-
 @pytest.mark.parametrize(
     "fault",
     [
@@ -101,62 +93,6 @@ async def test_a_failed_refresh_keeps_the_last_good_keys(keys, fake, metrics, fa
     assert not await keys.refresh()
     assert keys.key(fake.signing_kid) is good
     assert (refreshes(metrics, "ok"), refreshes(metrics, "error")) == (1, 1)
-
-
-async def test_unknown_kid_refetches_at_most_once_per_cooldown(keys, fake, clock):
-    await keys.refresh()
-    assert fake.calls["certs"] == 1
-    assert await keys.key_for(fake.signing_kid) is not None  # known: no fetch
-    assert await keys.key_for("random-1") is None  # the initial fetch is within the cooldown
-    assert fake.calls["certs"] == 1
-    clock.advance(30)
-    results = await asyncio.gather(*(keys.key_for(f"random-{i}") for i in range(50)))
-    assert results == [None] * 50
-    assert fake.calls["certs"] == 2  # one shared fetch for 50 concurrent unknown kids
-    clock.advance(29)
-    assert await keys.key_for("random-x") is None
-    assert fake.calls["certs"] == 2
-
-
-async def test_rotation_a_new_kid_is_found_after_one_refetch(keys, fake, clock):
-    await keys.refresh()
-    old = fake.signing_kid
-    fake.jwks = {"keys": [rsa_jwk(OTHER, kid="2025-01-01T00:00:00Z", alg="RS256")]}
-    clock.advance(30)
-    assert await keys.key_for("2025-01-01T00:00:00Z") is not None
-    assert keys.key(old) is None  # a removed key is gone after the refresh
-    assert fake.calls["certs"] == 2
-
-
-async def test_first_use_fetches_when_nothing_is_loaded(keys, fake):
-    assert await keys.key_for(fake.signing_kid) is not None
-    assert fake.calls["certs"] == 1
-
-
-async def test_run_fetches_then_stops_and_close_abandons_a_fetch(keys, fake):
-    runner = asyncio.create_task(keys.run())
-    while fake.calls["certs"] == 0:
-        await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    keys.stop()
-    await runner
-    assert keys.key(fake.signing_kid) is not None
-    fake.set_delay("certs", 60)  # cancelled by close(), never waited for
-    pending = asyncio.create_task(keys.refresh())
-    while fake.calls["certs"] == 1:
-        await asyncio.sleep(0)
-    await keys.close()
-    assert await pending is False
-
-
-async def test_run_survives_failures(keys, fake, metrics):
-    fake.fail_next("certs", 500)
-    runner = asyncio.create_task(keys.run())
-    while refreshes(metrics, "error") == 0:
-        await asyncio.sleep(0)
-    assert not runner.done()
-    keys.stop()
-    await runner
 
 
 def sign(claims, key=OTHER, alg="RS256", kid="test", headers=None):
@@ -235,26 +171,3 @@ async def test_decode_rejects(loaded, clock, name):
     with pytest.raises(BadToken) as info:
         await loaded.decode(bad_tokens(clock)[name], 10)
     assert "eyJ" not in str(info.value)  # the message never carries the token
-
-
-async def test_after_a_failed_fetch_an_unknown_kid_retries_within_a_second(keys, fake, clock):
-    fake.drop_next("certs")  # Apigee was down when the service started
-    assert not await keys.refresh()
-    assert await keys.key_for(fake.signing_kid) is None  # within a second of the failure: no new fetch
-    assert fake.calls["certs"] == 1  # the dropped one
-    clock.advance(1)
-    assert await keys.key_for(fake.signing_kid) is not None  # Apigee is back: found without waiting 30 s
-    assert fake.calls["certs"] == 2
-    clock.advance(1)
-    assert await keys.key_for("random") is None  # a good set again: the long cooldown applies
-    assert fake.calls["certs"] == 2
-
-
-async def test_run_after_a_start_up_fetch_waits_a_full_interval(keys, fake):
-    assert await keys.refresh()
-    runner = asyncio.create_task(keys.run())
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert fake.calls["certs"] == 1  # no second fetch straight away
-    keys.stop()
-    await runner

@@ -28,7 +28,7 @@ from jwt.algorithms import get_default_algorithms
 
 import authz.jwt.validate as module
 from authz.errors import AuthzError
-from authz.jwt.validate import ASYMMETRIC, InvalidToken, Rules, header, unverified_claims, validate
+from authz.jwt.validate import ASYMMETRIC, InvalidToken, Rules, header, parse, validate
 
 ALGS = get_default_algorithms()
 RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -405,7 +405,7 @@ def test_duplicate_claims_are_rejected(case):
     token = forge({"alg": "RS256"}, DUPLICATES[case])
     assert outcome(token) == "duplicate_claim"
     with pytest.raises(InvalidToken, match="duplicate_claim"):
-        unverified_claims(token)
+        parse(token)
 
 
 @pytest.mark.parametrize(
@@ -508,7 +508,7 @@ def test_deep_nesting_raises_invalid_token_not_recursion_error():
     assert outcome(in_claim) == outcome(in_header) == "too_large"
     assert outcome(in_claim, rules=big) == outcome(in_header, rules=big) == "malformed"
     with pytest.raises(InvalidToken, match="malformed"):
-        unverified_claims(in_claim, max_token_bytes=10**6)
+        parse(in_claim, max_token_bytes=10**6)
     with pytest.raises(InvalidToken, match="malformed"):
         header(in_header, big)
 
@@ -530,7 +530,7 @@ def test_oversized_tokens_are_rejected_before_decoding(token, expected):
     with pytest.raises(InvalidToken, match=expected):
         header(token, RULES)
     with pytest.raises(InvalidToken, match=expected):
-        unverified_claims(token)
+        parse(token)
 
 
 def test_many_dots_under_a_large_cap_are_malformed():
@@ -546,11 +546,11 @@ def test_size_cap_is_inclusive():
 # --- the other entry points and the error itself ---------------------------------------------------
 
 
-def test_unverified_claims_reads_the_payload_without_checking_anything_else():
+def test_parse_reads_the_payload_without_checking_anything_else():
     forged = jwt.encode({"iss": "https://other", "exp": 1}, ATTACKER_RSA, algorithm="RS256")
-    assert unverified_claims(forged) == {"iss": "https://other", "exp": 1}
+    assert parse(forged).claims == {"iss": "https://other", "exp": 1}
     with pytest.raises(InvalidToken, match="too_large"):
-        unverified_claims(TOKEN, max_token_bytes=len(TOKEN) - 1)
+        parse(TOKEN, max_token_bytes=len(TOKEN) - 1)
 
 
 def test_header_does_not_verify_the_signature():
@@ -668,7 +668,7 @@ def test_mutated_tokens_never_validate_and_only_raise_invalid_token(alg, seed):
         token = original
         for _ in range(rng.choice([1, 1, 1, 2, 3])):
             token = _mutate(token, rng)
-        for call in (lambda t: header(t, RULES), unverified_claims):
+        for call in (lambda t: header(t, RULES), parse):
             try:
                 call(token)
             except InvalidToken as exc:
