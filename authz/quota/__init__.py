@@ -1,0 +1,1 @@
+"""Quotas: buckets per quota identifier, enforced in memory and synced with Apigee."""
