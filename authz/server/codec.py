@@ -8,6 +8,7 @@ responses are constant per reason, so they are built once at import.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Final
 
 from envoy.config.core.v3 import base_pb2
@@ -24,6 +25,7 @@ FORBIDDEN: Final = (code_pb2.PERMISSION_DENIED, 403)
 # A status in the CheckResponse body is a deny Envoy honours as sent (status_on_error does not apply),
 # so "cannot decide" is answered with an explicit 503, never left to Envoy's failure mode.
 UNAVAILABLE: Final = (code_pb2.UNAVAILABLE, 503)
+TOO_MANY: Final = (code_pb2.RESOURCE_EXHAUSTED, 429)
 
 # reason -> (gRPC code, HTTP status, message shown to the client)
 DENY_STATUS: Final[dict[DenyReason, tuple[int, int, str]]] = {
@@ -43,6 +45,7 @@ DENY_STATUS: Final[dict[DenyReason, tuple[int, int, str]]] = {
     DenyReason.INVALID_CLAIMS: (*FORBIDDEN, "The token does not name an app and its API products."),
     DenyReason.INVALID_TOKEN: (*UNAUTHENTICATED, "The bearer token is not valid."),
     DenyReason.TOKEN_UNAVAILABLE: (*UNAVAILABLE, "The bearer token could not be checked; try again."),
+    DenyReason.QUOTA_EXCEEDED: (*TOO_MANY, "The quota for this API product is used up; retry later."),
 }
 
 # RFC 6750 §3: a rejected bearer token is answered with a challenge.
@@ -192,6 +195,51 @@ def check_response(decision: Decision) -> Any:
         for key, value in decision.metadata.items():
             fields[key].string_value = value
     return response
+
+
+def rate_limit_headers(limit: int, remaining: int, reset: float, now: float) -> list[tuple[str, str]]:
+    """``ratelimit-limit``, ``ratelimit-remaining`` and ``ratelimit-reset`` (whole seconds until the
+    window ends, at least 1)."""
+    seconds = str(max(math.ceil(reset - now), 1))
+    return [
+        ("ratelimit-limit", str(limit)),
+        ("ratelimit-remaining", str(remaining)),
+        ("ratelimit-reset", seconds),
+    ]
+
+
+def quota_exceeded(decision: Decision, limit: int, reset: float, now: float) -> bytes:
+    """The 429 for a request over quota, with ``retry-after`` and the rate-limit headers; or, when
+    ``allow_unauthorized`` let it through, its allow with the rate-limit headers for the client."""
+    headers = rate_limit_headers(limit, 0, reset, now)
+    if decision.allowed:
+        return encode(decision) + _client_headers(headers)
+    extra = pb.CheckResponse()
+    denied = extra.denied_response.headers
+    for name, value in [("retry-after", headers[2][1]), *headers]:
+        _set(denied.add(), name, value)
+    # Concatenated messages merge: the prebuilt 429 plus these headers (repeated fields append).
+    return _DENIED_WIRE[DenyReason.QUOTA_EXCEEDED] + extra.SerializeToString()
+
+
+def with_quota_headers(response: bytes, limit: int, remaining: int, reset: float, now: float) -> bytes:
+    """An allow plus the rate-limit headers on the response to the client (``auth.quota_headers``)."""
+    return response + _client_headers(rate_limit_headers(limit, remaining, reset, now))
+
+
+def _client_headers(headers: list[tuple[str, str]]) -> bytes:
+    extra = pb.CheckResponse()
+    added = extra.ok_response.response_headers_to_add
+    for name, value in headers:
+        _set(added.add(), name, value)
+    data: bytes = extra.SerializeToString()
+    return data
+
+
+def _set(option: Any, name: str, value: str) -> None:
+    option.header.key = name
+    option.header.value = value
+    option.append_action = _OVERWRITE
 
 
 def metadata_struct(response: Any) -> dict[str, str]:
