@@ -1,11 +1,11 @@
-"""ApigeeClient: the remote-service API (products, verifyApiKey, the remote-token JWKS) over one
+"""ApigeeClient: the remote-service API (products, verifyApiKey, quotas, the remote-token JWKS) over one
 httpx.AsyncClient.
 
 Every call but the public JWKS carries the Authorization header from an Authorizer, has the client's
 timeout, is timed in
 ``apigee_requests_seconds{org,env,api,code,method}``, and maps failures onto the error tree:
 transport errors, timeouts, 5xx, 429 and unparseable bodies raise ``ApigeeUnavailable`` (retry later, never
-"bad key"); other 4xx raise ``ApigeeRejected``. The wire contract is reference §3.1 and §3.2.
+"bad key"); other 4xx raise ``ApigeeRejected``. The wire contract is reference §3.1, §3.2 and §3.3.
 """
 
 from __future__ import annotations
@@ -43,6 +43,17 @@ class VerifyResponse:
     """``token`` is the JWT Apigee issued for a valid key; None means Apigee says the key is invalid."""
 
     token: str | None
+
+
+@dataclass(frozen=True)
+class QuotaResponse:
+    """Apigee's count for one quota bucket after a ``POST /quotas`` (reference §3.3)."""
+
+    allowed: int
+    used: int  # capped at allowed
+    exceeded: int  # the surplus over allowed
+    expiry: float  # epoch seconds, the window's end (the wire's expiryTime is epoch MILLISECONDS)
+    timestamp: float  # epoch seconds (ms on the wire too); 0 when absent
 
 
 def tls_context(ca_file: str, cert_file: str, key_file: str, allow_unverified: bool) -> ssl.SSLContext | bool:
@@ -142,6 +153,40 @@ class ApigeeClient:
         if not isinstance(token, str) or not token:
             raise ApigeeUnavailable(f"POST verifyApiKey: HTTP {response.status_code} without a token")
         return VerifyResponse(token=token)
+
+    async def quotas(
+        self, identifier: str, weight: int, interval: int, allow: int, time_unit: str
+    ) -> QuotaResponse:
+        """``POST {remote_service_api}/quotas``: add ``weight`` to bucket ``identifier``, read its count.
+
+        The body is ``{"identifier", "weight", "interval", "allow", "timeUnit"}`` in that order, ints as JSON
+        numbers and the time unit lowercased, as the Go adapter sends it.
+
+        Raises:
+            ApigeeUnavailable: transport error, 5xx/408/429, or a 200 whose body is not an object with
+                integer ``allowed``, ``used``, ``exceeded``, ``expiryTime`` and (unless absent or null)
+                ``timestamp``.
+            ApigeeRejected: any other status.
+        """
+        body = {"identifier": identifier, "weight": weight, "interval": interval, "allow": allow,
+                "timeUnit": time_unit.lower()}  # fmt: skip
+        content = json.dumps(body, separators=(",", ":"))
+        response = await self._call("quotas", "POST", f"{self._base}/quotas", content=content)
+        status = response.status_code
+        if status != 200:
+            raise ApigeeRejected(status, f"POST quotas: HTTP {status}")
+        answer = _json(response, "quotas")
+        if not isinstance(answer, dict):
+            raise ApigeeUnavailable("POST quotas: the body is not a JSON object")
+        fields: list[Any] = [answer.get(name) for name in ("allowed", "used", "exceeded", "expiryTime")]
+        timestamp = answer.get("timestamp")
+        fields.append(0 if timestamp is None else timestamp)
+        if not all(isinstance(value, int) and not isinstance(value, bool) for value in fields):
+            raise ApigeeUnavailable(
+                "POST quotas: allowed, used, exceeded, expiryTime or timestamp is not an integer"
+            )
+        allowed, used, exceeded, expiry_ms, timestamp_ms = fields
+        return QuotaResponse(allowed, used, exceeded, expiry_ms / 1000, timestamp_ms / 1000)
 
     async def jwks(self, url: str) -> dict[str, Any]:
         """``GET {url}``: the remote-token proxy's JWKS (``{runtime}/remote-token/certs``), as a JSON object.

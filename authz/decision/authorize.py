@@ -257,7 +257,10 @@ def decide(
     auth, credential = found
     # Scopes restrict tokens, not API keys (Go adapter).
     scopes = None if credential is not None else frozenset(auth.scopes)
-    operations = authorized_operations(catalog, auth.products, env, api, attrs.path, attrs.method, scopes)
+    operations = authorized_operations(
+        catalog, auth.products, env, api, attrs.path, attrs.method, scopes,
+        caller=f"{auth.developer_email}-{auth.app_name}",
+    )  # fmt: skip
     if not operations:
         return _deny(DenyReason.NOT_AUTHORIZED, attrs, policy, api, env)
     metadata = md.build(policy.org, env, api, auth, operations[0].product)

@@ -82,6 +82,9 @@ class OperationConfig:
     api_source: str
     operations: tuple[Operation, ...]
     quota: Quota | None = None
+    # The Go adapter's ``oc.ID``: "{apiSource}-{md5 hex of its operations as Go marshals them}", the suffix
+    # of this config's own quota bucket (meaningful only when ``quota`` is set).
+    quota_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +171,9 @@ class AuthorizedOperation:
     product: str
     api_source: str
     quota: Quota | None
+    # The quota bucket, as the Go adapter names it: "{product}-{env}-{developer_email}-{app}", plus
+    # "-{OperationConfig.quota_id}" when the operation config has its own quota; "" without a quota.
+    quota_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
