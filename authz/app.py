@@ -34,6 +34,7 @@ from authz.jwt.jwks import JwksCache
 from authz.jwt.validate import Rules
 from authz.jwt.verifier import BearerTokens, Provider
 from authz.metrics import Metrics, new_metrics
+from authz.quota.manager import QuotaManager
 from authz.server.authorization import AuthorizationServicer, add_to_server
 from authz.server.health import Health
 from authz.server.http import HttpEndpoints
@@ -42,6 +43,7 @@ from authz.standalone.watcher import LocalCatalog
 log = logging.getLogger(__name__)
 
 READINESS_POLL = 0.5  # seconds between readiness checks (a catalog arriving after start-up)
+QUOTA_FLUSH_TIMEOUT = 5.0  # seconds to send unsynced quota weight at shutdown
 
 
 def policy_from(config: Config) -> Policy:
@@ -127,7 +129,7 @@ class _Apigee:
     def __init__(self, config: Config, metrics: Metrics, clock: Clock) -> None:
         tenant, org = config.tenant, config.tenant.org_name
         self.http = new_http_client(tenant)
-        client = ApigeeClient(
+        self.client = client = ApigeeClient(
             self.http,
             tenant.remote_service_api,
             authorizer_from(config, clock),
@@ -203,6 +205,14 @@ class Service:
         if config.auth.jwt_providers:
             self.jwt = _Tokens(config, self.metrics, self.clock, self.apigee)
         self.health = Health(lambda: self.current_catalog() is not None, self.metrics, self._details)
+        self.quotas = QuotaManager(
+            self.metrics,
+            org,
+            self.clock,
+            self.apigee.client if self.apigee is not None else None,
+            wait=config.auth.quota_sync_wait,
+            per_id_metrics=config.auth.quota_metrics_per_id,
+        )
         self.authorization = AuthorizationServicer(
             self.current_catalog,
             policy_from(config),
@@ -211,6 +221,8 @@ class Service:
             keys=self.apigee.keys if self.apigee is not None else None,
             verify_wait=config.auth.api_key_verify_wait,
             tokens=self.jwt.tokens if self.jwt is not None else None,
+            quotas=self.quotas,
+            quota_headers=config.auth.quota_headers,
         )
         self.grpc_port = 0
         self.http_port = 0
@@ -239,6 +251,7 @@ class Service:
             self._tasks.extend(await self.apigee.start())
         if self.jwt is not None:
             self._tasks.extend(await self.jwt.start())
+        self._tasks.append(asyncio.create_task(self.quotas.run(), name="quota-sync"))
         credentials, http_tls = _server_tls(self.config)
         server = grpc.aio.server(options=_grpc_options(self.config))
         add_to_server(self.authorization, server)
@@ -274,6 +287,7 @@ class Service:
         await self.health.drain()
         if self._server is not None:
             await self._server.stop(self.config.global_.graceful_shutdown_timeout)
+        await self.quotas.flush(QUOTA_FLUSH_TIMEOUT)  # weight admitted but not synced yet goes to Apigee
         if self.local is not None:
             self.local.stop()
         if self.apigee is not None:

@@ -55,6 +55,7 @@ DEFAULT_API_KEY_CACHE_DURATION = 1800.0
 DEFAULT_API_KEY_HEADER = "x-api-key"
 DEFAULT_API_HEADER = ":authority"
 DEFAULT_API_KEY_VERIFY_WAIT = 0.8  # below the 1 s ext_authz timeout of the Go adapter's sample Envoy config
+DEFAULT_QUOTA_SYNC_WAIT = 0.25  # Check waits this long for a quota sync in flight, then admits on credit
 
 MIN_CATALOG_POLL_INTERVAL = 0.05
 MIN_PRODUCTS_REFRESH = 1.0
@@ -157,6 +158,9 @@ class AuthConfig:
     append_metadata_headers: bool = False
     api_key_verify_wait: float = DEFAULT_API_KEY_VERIFY_WAIT  # NEW: Check's wait for an uncached key
     jwt_providers: tuple[JwtProvider, ...] = ()  # NEW: issuers whose bearer tokens are validated here
+    quota_headers: bool = False  # NEW: ratelimit-* headers on allowed responses too (always on a 429)
+    quota_sync_wait: float = DEFAULT_QUOTA_SYNC_WAIT  # NEW: Check's wait for a quota sync in flight
+    quota_metrics_per_id: bool = False  # NEW: a quota_remaining gauge per quota identifier
 
 
 @dataclass(frozen=True)
@@ -500,6 +504,9 @@ def _auth(s: _Section) -> AuthConfig:
         append_metadata_headers=s.flag("append_metadata_headers"),
         api_key_verify_wait=s.duration("api_key_verify_wait", DEFAULT_API_KEY_VERIFY_WAIT, positive=True),
         jwt_providers=parse_providers(s.items("jwt_providers", JwtProvider)),
+        quota_headers=s.flag("quota_headers"),
+        quota_sync_wait=s.duration("quota_sync_wait", DEFAULT_QUOTA_SYNC_WAIT, positive=True),
+        quota_metrics_per_id=s.flag("quota_metrics_per_id"),
     )
 
 

@@ -85,6 +85,11 @@ class Metrics:
     api_key_verifications: Counter
     jwks_refreshes: Counter
     jwt_verifications: Counter
+    quota_checks: Counter
+    quota_syncs: Counter
+    quota_admitted_unsynced: Counter
+    quota_buckets: Gauge
+    quota_remaining: Gauge
 
 
 def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
@@ -171,6 +176,31 @@ def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
             "jwt_verifications",
             "Bearer tokens checked, by provider (issuer name from the config) and result.",
             ["org", "provider", "result"],
+            registry=registry,
+        ),
+        quota_checks=Counter(
+            "quota_checks",
+            "Quota buckets charged by an authorized request, by result (allowed, exceeded).",
+            ["org", "env", "result"],
+            registry=registry,
+        ),
+        quota_syncs=Counter(
+            "quota_syncs",
+            "Quota syncs with Apigee's /quotas by result (ok, error).",
+            ["org", "result"],
+            registry=registry,
+        ),
+        quota_admitted_unsynced=Counter(
+            "quota_admitted_unsynced",
+            "Quota-bearing requests admitted on credit, without a lease paid at Apigee (Apigee mode).",
+            ["org", "env"],
+            registry=registry,
+        ),
+        quota_buckets=Gauge("quota_buckets", "Quota buckets held in memory.", ["org"], registry=registry),
+        quota_remaining=Gauge(
+            "quota_remaining",
+            "Requests left in the current window per quota identifier (only with auth.quota_metrics_per_id).",
+            ["org", "env", "quota"],
             registry=registry,
         ),
     )

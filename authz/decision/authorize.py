@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -279,4 +280,26 @@ def decide(
         headers_to_remove=_strip(attrs, policy, frozenset(k for k, _ in headers_to_set)),
         query_params_to_remove=_remove_query(attrs, policy),
         valid_until=credential.expires_at if credential is not None else None,
+    )
+
+
+def over_quota(decision: Decision, policy: Policy) -> Decision:
+    """An allow whose quota has no room left: a 429 deny. Under ``allow_unauthorized`` the request goes
+    on as in the Go adapter, with its metadata but without ``x-apigee-authorized``."""
+    if not policy.allow_unauthorized:
+        return Decision(
+            reason=DenyReason.QUOTA_EXCEEDED,
+            api=decision.api,
+            environment=decision.environment,
+            auth=decision.auth,
+            operations=decision.operations,
+        )
+    metadata = {k: v for k, v in decision.metadata.items() if k != md.AUTHORIZED}
+    metadata[md.UNAUTHORIZED_REASON] = DenyReason.QUOTA_EXCEEDED.value
+    return replace(
+        decision,
+        reason=DenyReason.QUOTA_EXCEEDED,
+        metadata=metadata,
+        headers_to_set=tuple((k, v) for k, v in decision.headers_to_set if k != md.AUTHORIZED),
+        fail_open=True,
     )

@@ -20,13 +20,22 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from authz import logs
 from authz.clock import Clock
-from authz.decision.authorize import decide, requested_key
-from authz.decision.model import AuthContext, Catalog, Credential, Decision, DenyReason, Policy
+from authz.decision.authorize import decide, over_quota, requested_key
+from authz.decision.model import (
+    AuthContext,
+    AuthorizedOperation,
+    Catalog,
+    Credential,
+    Decision,
+    DenyReason,
+    Policy,
+)
 from authz.metrics import Metrics
 from authz.server import codec
 
 if TYPE_CHECKING:
     from authz.jwt.verifier import Verified
+    from authz.quota.manager import QuotaManager
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,6 +79,7 @@ class _Allow(NamedTuple):
     valid_until: float
     api_key: str | None  # with a KeySource: the key whose credential this allow stands on
     credential: Credential | None
+    quota_ops: tuple[AuthorizedOperation, ...]  # the operations that carry a quota, charged on every hit
 
 
 def _answer(found: Credential | DenyReason) -> Callable[[str], Credential | DenyReason]:
@@ -86,6 +96,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         keys: KeySource | None = None,
         verify_wait: float = DEFAULT_VERIFY_WAIT,
         tokens: TokenSource | None = None,
+        quotas: QuotaManager | None = None,
+        quota_headers: bool = False,
     ) -> None:
         self._catalog = catalog
         self._policy = policy
@@ -95,6 +107,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._tokens = tokens
         self._token_headers = tokens.headers if tokens is not None else ()
         self._verify_wait = verify_wait
+        self._quotas = quotas
+        self._quota_headers = quota_headers
         self._observers: dict[tuple[str, int], Any] = {}
         self._allows: dict[tuple[str | None, ...], _Allow] = {}
         self._allows_catalog: Catalog | None = None
@@ -112,7 +126,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             key = codec.decision_key(request, self._policy, self._token_headers)
             hit = self._allows.get(key) if key is not None else None
             if hit is not None and now < hit.valid_until and self._still_valid(hit):
-                response, decision = hit.response, hit.decision
+                response, decision, quota_ops = hit.response, hit.decision, hit.quota_ops
             else:
                 attrs = codec.request_attrs(request)
                 api_key, found = await self._verified_key(attrs, catalog)
@@ -120,13 +134,17 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 lookup = None if found is None else _answer(found)
                 decision = decide(attrs, catalog, self._policy, now, lookup, bearer)
                 response = codec.encode(decision)
+                quota_ops = tuple(op for op in decision.operations if op.quota_id)
                 # A token seen for the first time is usually seen only once: no allow entry for it.
                 if key is not None and decision.reason is None and seen:
                     if len(self._allows) >= ALLOW_CACHE_SIZE:
                         self._allows.clear()
                     credential = found if isinstance(found, Credential) else None
                     valid_until = min(decision.valid_until or _FOREVER, bearer_until)
-                    self._allows[key] = _Allow(response, decision, valid_until, api_key, credential)
+                    entry = _Allow(response, decision, valid_until, api_key, credential, quota_ops)
+                    self._allows[key] = entry
+            if quota_ops and self._quotas is not None and decision.reason is None:
+                decision, response = await self._charge(decision, response, quota_ops, now)
         except Exception:
             # Never log the request here: it may carry a credential.
             log.exception("Check failed; answering 503")
@@ -137,6 +155,21 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         except Exception:  # metrics or logging must never change the answer
             log.exception("recording the Check outcome failed")
         return response
+
+    async def _charge(
+        self, decision: Decision, response: bytes, quota_ops: tuple[AuthorizedOperation, ...], now: float
+    ) -> tuple[Decision, bytes]:
+        """Charge the request's quotas: a 429 when one has no room left; the allow otherwise."""
+        assert self._quotas is not None
+        result = self._quotas.charge_now(quota_ops, decision.environment)
+        if result is None:  # a bucket waits for its sync with Apigee
+            result = await self._quotas.charge(quota_ops, decision.environment)
+        if not result.allowed:
+            decision = over_quota(decision, self._policy)
+            return decision, codec.quota_exceeded(decision, result.limit, result.reset, now)
+        if self._quota_headers and result.limit:
+            response = codec.with_quota_headers(response, result.limit, result.remaining, result.reset, now)
+        return decision, response
 
     def _still_valid(self, hit: _Allow) -> bool:
         """An allow that stands on a verified key holds while the key cache returns that same credential."""

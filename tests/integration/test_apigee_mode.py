@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 ORDERS_KEY, LEGACY_KEY, NOPRODUCT_KEY = "orders-key-31f0", "legacy-key-77aa", "lonely-key-0c1d"
 PRODUCTS = [
     {"name": "orders", "displayName": "Orders", "approvalType": "auto", "environments": ["test", "prod"],
-     "quota": "100", "quotaInterval": "1", "quotaTimeUnit": "minute",
+     "quota": "100000", "quotaInterval": "1", "quotaTimeUnit": "minute",  # quotas: test_quotas.py
      "operationGroup": {"operationConfigType": "remoteservice", "operationConfigs": [
          {"apiSource": "orders-api",
           "operations": [{"resource": "/v1/orders/**", "methods": ["GET", "POST"]}],

@@ -514,6 +514,9 @@ def test_effective_config_renders_the_file_shape_and_loads_back(tmp_path: Path) 
             "append_metadata_headers": False,
             "api_key_verify_wait": "800ms",
             "jwt_providers": [],
+            "quota_headers": False,
+            "quota_sync_wait": "250ms",
+            "quota_metrics_per_id": False,
         },
     }
     path = tmp_path / "effective.yaml"
@@ -671,7 +674,7 @@ INVALID = {
     "invalid_unknown_key_no_match.yaml": (
         "auth.frobnicate: unknown key (expected one of: api_key_claim, api_key_cache_duration, "
         "api_key_header, api_header, allow_unauthorized, jwt_provider_key, append_metadata_headers, "
-        "api_key_verify_wait, jwt_providers)"
+        "api_key_verify_wait, jwt_providers, quota_headers, quota_sync_wait, quota_metrics_per_id)"
     ),
     "invalid_unknown_section.yaml": "tenants: unknown section (did you mean 'tenant'?)",
     "invalid_url_scheme.yaml": (

@@ -16,8 +16,20 @@ def ts(*parts: int) -> float:
 @pytest.mark.parametrize(
     ("now", "interval", "unit", "start", "end"),
     [
-        (ts(2026, 11, 23, 12, 34, 56), 1, "second", ts(2026, 11, 23, 12, 34, 56), ts(2026, 11, 23, 12, 34, 57)),
-        (ts(2026, 11, 23, 12, 34, 56) + 0.999, 1, "second", ts(2026, 11, 23, 12, 34, 56), ts(2026, 11, 23, 12, 34, 57)),
+        (
+            ts(2026, 11, 23, 12, 34, 56),
+            1,
+            "second",
+            ts(2026, 11, 23, 12, 34, 56),
+            ts(2026, 11, 23, 12, 34, 57),
+        ),
+        (
+            ts(2026, 11, 23, 12, 34, 56) + 0.999,
+            1,
+            "second",
+            ts(2026, 11, 23, 12, 34, 56),
+            ts(2026, 11, 23, 12, 34, 57),
+        ),
         (ts(2026, 11, 23, 12, 34, 56), 1, "minute", ts(2026, 11, 23, 12, 34), ts(2026, 11, 23, 12, 35)),
         (ts(2026, 11, 23, 12, 34, 56), 5, "minute", ts(2026, 11, 23, 12, 30), ts(2026, 11, 23, 12, 35)),
         (ts(2026, 11, 23, 12, 35), 5, "minute", ts(2026, 11, 23, 12, 35), ts(2026, 11, 23, 12, 40)),
@@ -35,7 +47,9 @@ def ts(*parts: int) -> float:
         (ts(2018, 11, 15), 1, "month", ts(2018, 11, 1), ts(2018, 12, 1)),
     ],
 )
-def test_windows_are_utc_calendar_windows(now: float, interval: int, unit: str, start: float, end: float) -> None:
+def test_windows_are_utc_calendar_windows(
+    now: float, interval: int, unit: str, start: float, end: float
+) -> None:
     assert window(now, interval, unit) == (start, end)
 
 
