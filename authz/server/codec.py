@@ -219,7 +219,8 @@ def quota_exceeded(decision: Decision, limit: int, reset: float, now: float) -> 
     for name, value in [("retry-after", headers[2][1]), *headers]:
         _set(denied.add(), name, value)
     # Concatenated messages merge: the prebuilt 429 plus these headers (repeated fields append).
-    return _DENIED_WIRE[DenyReason.QUOTA_EXCEEDED] + extra.SerializeToString()
+    data: bytes = extra.SerializeToString()
+    return _DENIED_WIRE[DenyReason.QUOTA_EXCEEDED] + data
 
 
 def with_quota_headers(response: bytes, limit: int, remaining: int, reset: float, now: float) -> bytes:
