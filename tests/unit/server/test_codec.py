@@ -126,3 +126,46 @@ def test_invalid_token_deny_carries_a_bearer_challenge():
     assert headers["www-authenticate"] == 'Bearer error="invalid_token"'
     other = codec.check_response(Decision(reason=DenyReason.UNKNOWN_KEY))
     assert "www-authenticate" not in {h.header.key for h in other.denied_response.headers}
+
+
+def _headers(options):
+    return [(h.header.key, h.header.value) for h in options]
+
+
+def test_quota_exceeded_is_the_prebuilt_429_plus_rate_limit_headers():
+    wire = codec.quota_exceeded(Decision(reason=DenyReason.QUOTA_EXCEEDED), 5, reset=1060.0, now=1012.4)
+    response = pb.CheckResponse.FromString(wire)
+    assert response.status.code == 8  # RESOURCE_EXHAUSTED
+    assert response.denied_response.status.code == 429
+    assert json.loads(response.denied_response.body)["reason"] == "quota_exceeded"
+    assert _headers(response.denied_response.headers) == [
+        ("content-type", "application/json"),
+        ("retry-after", "48"),  # whole seconds, rounded up
+        ("ratelimit-limit", "5"),
+        ("ratelimit-remaining", "0"),
+        ("ratelimit-reset", "48"),
+    ]
+
+
+def test_quota_exceeded_under_allow_unauthorized_is_an_allow_with_the_headers_for_the_client():
+    decision = Decision(reason=DenyReason.QUOTA_EXCEEDED, metadata={"x-apigee-api": "a"}, fail_open=True)
+    response = pb.CheckResponse.FromString(codec.quota_exceeded(decision, 5, reset=1000.2, now=1000.0))
+    assert response.status.code == 0
+    assert codec.metadata_struct(response) == {"x-apigee-api": "a"}
+    assert _headers(response.ok_response.response_headers_to_add) == [
+        ("ratelimit-limit", "5"),
+        ("ratelimit-remaining", "0"),
+        ("ratelimit-reset", "1"),  # at least one second
+    ]
+
+
+def test_with_quota_headers_adds_client_headers_to_an_allow():
+    allow = Decision(reason=None, headers_to_remove=("x-api-key",))
+    wire = codec.with_quota_headers(codec.encode(allow), 100, 42, reset=1060.0, now=1000.0)
+    response = pb.CheckResponse.FromString(wire)
+    assert list(response.ok_response.headers_to_remove) == ["x-api-key"]
+    assert _headers(response.ok_response.response_headers_to_add) == [
+        ("ratelimit-limit", "100"),
+        ("ratelimit-remaining", "42"),
+        ("ratelimit-reset", "60"),
+    ]
