@@ -82,7 +82,10 @@ CASES = {
     "d": "(d) Envoy + ext_authz -> authz, Apigee",
     "e": "(e) Envoy + ext_authz -> authz, same JWT",
     "f": "(f) Envoy + ext_authz -> authz, unique JWTs",
+    "g": "(g) Envoy + ext_authz -> authz, quota",
+    "h": "(h) Envoy + ext_authz -> authz, Apigee, quota",
 }
+BENCH_QUOTA = 1_000_000_000  # per minute, cases (g) and (h): charged on every request, never reached
 
 
 class CaseError(Exception):
@@ -129,26 +132,27 @@ class Result:
     error: str | None = None
 
 
-def bench_products() -> list[dict[str, Any]]:
-    """One product on BENCH_API covering BENCH_PATH (Apigee's JSON shape)."""
-    return [
-        {
-            "name": "bench",
-            "environments": ["test"],
-            "operationGroup": {
-                "operationConfigType": "remoteservice",
-                "operationConfigs": [
-                    {"apiSource": BENCH_API, "operations": [{"resource": "/v1/**", "methods": ["GET"]}]}
-                ],
-            },
-        }
-    ]
+def bench_products(quota: int | None = None) -> list[dict[str, Any]]:
+    """One product on BENCH_API covering BENCH_PATH (Apigee's JSON shape), with ``quota`` per minute."""
+    product: dict[str, Any] = {
+        "name": "bench",
+        "environments": ["test"],
+        "operationGroup": {
+            "operationConfigType": "remoteservice",
+            "operationConfigs": [
+                {"apiSource": BENCH_API, "operations": [{"resource": "/v1/**", "methods": ["GET"]}]}
+            ],
+        },
+    }
+    if quota is not None:
+        product.update(quota=str(quota), quotaInterval="1", quotaTimeUnit="minute")
+    return [product]
 
 
-def bench_catalog() -> dict[str, object]:
+def bench_catalog(quota: int | None = None) -> dict[str, object]:
     """The standalone catalog: bench_products() and one app holding BENCH_KEY."""
     return {
-        "products": bench_products(),
+        "products": bench_products(quota),
         "developers": [
             {
                 "email": "bench@example.com",
@@ -312,23 +316,43 @@ def case_noop(opts: Options, stack: contextlib.ExitStack) -> Result:
     return through_ext_authz("b", api_port, server, opts, stack)
 
 
-def write_catalog(opts: Options) -> Path:
-    catalog = opts.log_dir / "bench-catalog.yaml"
-    catalog.write_text(yaml.safe_dump(bench_catalog(), sort_keys=False))
+def write_catalog(opts: Options, case: str = "c", quota: int | None = None) -> Path:
+    catalog = opts.log_dir / f"{case}-catalog.yaml"
+    catalog.write_text(yaml.safe_dump(bench_catalog(quota), sort_keys=False))
     return catalog
 
 
-def case_authz(opts: Options, stack: contextlib.ExitStack) -> Result:
+def case_authz(
+    opts: Options, stack: contextlib.ExitStack, case: str = "c", quota: int | None = None
+) -> Result:
     api_port, metrics_port = free_port(), free_port()
     config = write_authz_config(
-        opts.log_dir / "bench-authz.yaml",
-        catalog_path=write_catalog(opts),
+        opts.log_dir / f"{case}-authz.yaml",
+        catalog_path=write_catalog(opts, case, quota),
         api_port=api_port,
         metrics_port=metrics_port,
     )
-    server = start_authz(config, metrics_port, opts.log_dir, name="c-authz", cpu_list=cpu(opts, 1))
+    server = start_authz(config, metrics_port, opts.log_dir, name=f"{case}-authz", cpu_list=cpu(opts, 1))
     stack.callback(server.stop)
-    return through_ext_authz("c", api_port, server, opts, stack)
+    result = through_ext_authz(case, api_port, server, opts, stack)
+    if quota is not None:
+        check_quota_charged(result, metrics_port)
+    return result
+
+
+def case_quota(opts: Options, stack: contextlib.ExitStack) -> Result:
+    return case_authz(opts, stack, "g", BENCH_QUOTA)
+
+
+def case_apigee_quota(opts: Options, stack: contextlib.ExitStack) -> Result:
+    return case_apigee(opts, stack, "h", BENCH_QUOTA)
+
+
+def check_quota_charged(result: Result, metrics_port: int) -> None:
+    """Quota cases fail unless every request charged the bucket (``quota_checks_total``)."""
+    charged = metric_sum(metrics_port, "quota_checks_total", 'result="allowed"')
+    if result.error is None and charged < result.requests:
+        result.error = f"{charged:.0f} quota charges for {result.requests} measured requests"
 
 
 def start_jwt_authz(
@@ -399,16 +423,23 @@ def case_jwt_unique(opts: Options, stack: contextlib.ExitStack) -> Result:
     return result
 
 
-def case_apigee(opts: Options, stack: contextlib.ExitStack) -> Result:
+def case_apigee(
+    opts: Options, stack: contextlib.ExitStack, case: str = "d", quota: int | None = None
+) -> Result:
     api_port, metrics_port = free_port(), free_port()
-    secret = write_policy_secret(opts.log_dir / "d-policy-secret")
+    secret = write_policy_secret(opts.log_dir / f"{case}-policy-secret")
     key = FakeKey(BENCH_KEY, "bench-app", "bench@example.com", ("bench",))
     fake = start_fake_apigee(
-        opts.log_dir, bench_products(), [key], secret.jwks, name="d-fake-apigee", log_dir=opts.log_dir
+        opts.log_dir,
+        bench_products(quota),
+        [key],
+        secret.jwks,
+        name=f"{case}-fake-apigee",
+        log_dir=opts.log_dir,
     )
     stack.callback(fake.proc.stop)
     config = write_authz_config(
-        opts.log_dir / "d-authz.yaml",
+        opts.log_dir / f"{case}-authz.yaml",
         catalog_path=None,
         api_port=api_port,
         metrics_port=metrics_port,
@@ -418,15 +449,19 @@ def case_apigee(opts: Options, stack: contextlib.ExitStack) -> Result:
         config,
         metrics_port,
         opts.log_dir,
-        name="d-authz",
+        name=f"{case}-authz",
         cpu_list=cpu(opts, 1),
         policy_secret_dir=secret.directory,
     )
     stack.callback(server.stop)
-    result = through_ext_authz("d", api_port, server, opts, stack, before=cache_bench_key)
+    result = through_ext_authz(case, api_port, server, opts, stack, before=cache_bench_key)
     calls = key_verifications(metrics_port)
     if result.error is None and calls != 1:
         result.error = f"the key was verified with Apigee {calls} times, not once: the cache was not used"
+    if quota is not None:
+        check_quota_charged(result, metrics_port)
+        if result.error is None and metric_sum(metrics_port, "quota_syncs_total", 'result="ok"') < 1:
+            result.error = "no quota sync with the fake Apigee succeeded"
     return result
 
 
@@ -501,6 +536,8 @@ RUNNERS: dict[str, Callable[[Options, contextlib.ExitStack], Result]] = {
     "d": case_apigee,
     "e": case_jwt_cached,
     "f": case_jwt_unique,
+    "g": case_quota,
+    "h": case_apigee_quota,
 }
 
 
@@ -566,6 +603,8 @@ def report(results: list[Result], opts: Options) -> None:
         ("d", "Apigee mode, key cached", TARGET_OVER_NOOP),
         ("e", "one bearer token, cached", TARGET_OVER_NOOP),
         ("f", "a new bearer token each request", TARGET_UNIQUE_JWT_OVER_NOOP),
+        ("g", "standalone, a quota charged on every request", TARGET_OVER_NOOP),
+        ("h", "Apigee mode, a quota charged on every request", TARGET_OVER_NOOP),
     )
     for case, what, target in targets:
         over_b = ratio(by_case, case, "b")

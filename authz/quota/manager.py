@@ -16,7 +16,6 @@ import contextlib
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from authz.clock import Clock
@@ -55,14 +54,9 @@ class QuotaClient(Protocol):
     ) -> QuotaAnswer: ...
 
 
-@dataclass(frozen=True, slots=True)
-class QuotaResult:
-    """A request's quota outcome: allowed, and the tightest bucket's numbers (for the rate-limit headers)."""
-
-    allowed: bool
-    limit: int
-    remaining: int
-    reset: float  # epoch seconds
+# A request's quota outcome: allowed, and the tightest bucket's numbers (for the rate-limit headers).
+QuotaResult = Outcome
+FREE: Final = Outcome(True, 0, 0, 0.0)  # no operation of the request carries a quota
 
 
 class _Sync:
@@ -98,7 +92,7 @@ class QuotaManager:
         self._envs: dict[str, str] = {}  # quota id -> environment (metrics labels)
         self._syncs: dict[str, _Sync] = {}
         self._slots = asyncio.Semaphore(MAX_SYNCS)
-        self._counters: dict[tuple[str, str], Any] = {}
+        self._counters: dict[tuple[str, bool], Any] = {}
         self._stopped = asyncio.Event()
 
     @property
@@ -113,7 +107,10 @@ class QuotaManager:
     def charge_now(self, operations: Sequence[AuthorizedOperation], env: str) -> QuotaResult | None:
         """Charge every quota of an authorized request (each bucket once), all or nothing. None: a bucket
         waits for its sync; await ``charge`` instead."""
-        found = self._try(operations, env, late=False)
+        if len(operations) == 1:  # the common case, kept lean: it runs on every request
+            found = self._one(operations[0], env, late=False)
+        else:
+            found = self._try(operations, env, late=False)
         return None if isinstance(found, str) else found
 
     async def charge(self, operations: Sequence[AuthorizedOperation], env: str) -> QuotaResult:
@@ -137,37 +134,59 @@ class QuotaManager:
             finally:
                 sync.waiting -= 1
 
+    def _one(self, op: AuthorizedOperation, env: str, *, late: bool) -> QuotaResult | str:
+        quota = op.quota
+        if quota is None or not op.quota_id:
+            return FREE
+        now = self._clock.now()
+        bucket = self._buckets.get(op.quota_id)
+        if bucket is None or not bucket.same_terms(quota.limit, quota.interval, quota.time_unit):
+            bucket = self._bucket(op.quota_id, quota.limit, quota.interval, quota.time_unit, env, now)
+        outcome = bucket.apply(now, late=late)
+        if outcome is None:
+            return op.quota_id
+        self._note(op.quota_id, bucket, outcome, env)
+        return outcome
+
     def _try(self, operations: Sequence[AuthorizedOperation], env: str, *, late: bool) -> QuotaResult | str:
         now = self._clock.now()
-        taken: list[tuple[Bucket, Outcome, str]] = []
-        tightest: Outcome | None = None
+        taken: dict[str, tuple[Bucket, Outcome]] = {}
         for op in operations:
             quota = op.quota
-            if quota is None or not op.quota_id or any(op.quota_id == held for _, _, held in taken):
+            if quota is None or not op.quota_id or op.quota_id in taken:
                 continue
             bucket = self._bucket(op.quota_id, quota.limit, quota.interval, quota.time_unit, env, now)
             outcome = bucket.apply(now, late=late)
             if outcome is None or not outcome.allowed:
-                for done, given, _ in taken:
+                for done, given in taken.values():
                     done.refund(now, given)
                 if outcome is None:
                     return op.quota_id
-                self._count(env, "exceeded")
-                self._gauge(op.quota_id, env, 0)
-                return QuotaResult(False, outcome.limit, 0, outcome.reset)
-            taken.append((bucket, outcome, op.quota_id))
-            if outcome.unsynced:
-                self._metrics.quota_admitted_unsynced.labels(self._org, env).inc()
-            if bucket.needs_sync() and op.quota_id not in self._syncs:
-                self._start_sync(op.quota_id)
-            if tightest is None or outcome.remaining < tightest.remaining:
+                self._note(op.quota_id, bucket, outcome, env)
+                return outcome
+            taken[op.quota_id] = (bucket, outcome)
+        tightest = FREE
+        for quota_id, (bucket, outcome) in taken.items():
+            self._note(quota_id, bucket, outcome, env)
+            if tightest is FREE or outcome.remaining < tightest.remaining:
                 tightest = outcome
-        if tightest is None:
-            return QuotaResult(True, 0, 0, 0.0)
-        for _, outcome, quota_id in taken:
-            self._count(env, "allowed")
-            self._gauge(quota_id, env, outcome.remaining)
-        return QuotaResult(True, tightest.limit, tightest.remaining, tightest.reset)
+        return tightest
+
+    def _note(self, quota_id: str, bucket: Bucket, outcome: Outcome, env: str) -> None:
+        """Metrics for one charged bucket, and a sync when its lease runs low."""
+        counter = self._counters.get((env, outcome.allowed))
+        if counter is None:
+            result = "allowed" if outcome.allowed else "exceeded"
+            counter = self._counters[(env, outcome.allowed)] = self._metrics.quota_checks.labels(
+                self._org, env, result
+            )
+        counter.inc()
+        if outcome.unsynced:
+            self._metrics.quota_admitted_unsynced.labels(self._org, env).inc()
+        if self._per_id:
+            self._metrics.quota_remaining.labels(self._org, env, quota_id).set(outcome.remaining)
+        if bucket.remote and bucket.needs_sync():
+            self._start_sync(quota_id)
 
     def _bucket(self, quota_id: str, limit: int, interval: int, unit: str, env: str, now: float) -> Bucket:
         bucket = self._buckets.get(quota_id)
@@ -185,17 +204,6 @@ class QuotaManager:
         self._envs[quota_id] = env
         self._metrics.quota_buckets.labels(self._org).set(len(self._buckets))
         return bucket
-
-    def _count(self, env: str, result: str) -> None:
-        counter = self._counters.get((env, result))
-        if counter is None:
-            counter = self._metrics.quota_checks.labels(self._org, env, result)
-            self._counters[(env, result)] = counter
-        counter.inc()
-
-    def _gauge(self, quota_id: str, env: str, remaining: int) -> None:
-        if self._per_id:
-            self._metrics.quota_remaining.labels(self._org, env, quota_id).set(remaining)
 
     # --- syncs ------------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from authz.server import codec
 
 if TYPE_CHECKING:
     from authz.jwt.verifier import Verified
-    from authz.quota.manager import QuotaManager
+    from authz.quota.manager import QuotaManager, QuotaResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -144,7 +144,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                     entry = _Allow(response, decision, valid_until, api_key, credential, quota_ops)
                     self._allows[key] = entry
             if quota_ops and self._quotas is not None and decision.reason is None:
-                decision, response = await self._charge(decision, response, quota_ops, now)
+                charged = self._quotas.charge_now(quota_ops, decision.environment)
+                if charged is None:  # a bucket waits for its sync with Apigee
+                    charged = await self._quotas.charge(quota_ops, decision.environment)
+                if not charged.allowed or self._quota_headers:
+                    decision, response = self._quota_answer(decision, response, charged, now)
         except Exception:
             # Never log the request here: it may carry a credential.
             log.exception("Check failed; answering 503")
@@ -156,19 +160,16 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             log.exception("recording the Check outcome failed")
         return response
 
-    async def _charge(
-        self, decision: Decision, response: bytes, quota_ops: tuple[AuthorizedOperation, ...], now: float
+    def _quota_answer(
+        self, decision: Decision, response: bytes, charged: QuotaResult, now: float
     ) -> tuple[Decision, bytes]:
-        """Charge the request's quotas: a 429 when one has no room left; the allow otherwise."""
-        assert self._quotas is not None
-        result = self._quotas.charge_now(quota_ops, decision.environment)
-        if result is None:  # a bucket waits for its sync with Apigee
-            result = await self._quotas.charge(quota_ops, decision.environment)
-        if not result.allowed:
+        """A 429 when a quota has no room left; otherwise the allow with the rate-limit headers."""
+        if not charged.allowed:
             decision = over_quota(decision, self._policy)
-            return decision, codec.quota_exceeded(decision, result.limit, result.reset, now)
-        if self._quota_headers and result.limit:
-            response = codec.with_quota_headers(response, result.limit, result.remaining, result.reset, now)
+            return decision, codec.quota_exceeded(decision, charged.limit, charged.reset, now)
+        limit, remaining, reset = charged.limit, charged.remaining, charged.reset
+        if limit:
+            response = codec.with_quota_headers(response, limit, remaining, reset, now)
         return decision, response
 
     def _still_valid(self, hit: _Allow) -> bool:
