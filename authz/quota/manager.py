@@ -81,12 +81,14 @@ class QuotaManager:
         *,
         wait: float = DEFAULT_WAIT,
         per_id_metrics: bool = False,
+        sync_timeout: float = SYNC_TIMEOUT,
     ) -> None:
         self._metrics = metrics
         self._org = org
         self._clock = clock
         self._client = client
         self._wait = wait
+        self._sync_timeout = sync_timeout
         self._per_id = per_id_metrics
         self._buckets: dict[str, Bucket] = {}
         self._envs: dict[str, str] = {}  # quota id -> environment (metrics labels)
@@ -232,7 +234,7 @@ class QuotaManager:
                 try:
                     answer = await asyncio.wait_for(
                         self._client.quotas(quota_id, weight, bucket.interval, bucket.limit, bucket.unit),
-                        SYNC_TIMEOUT,
+                        self._sync_timeout,
                     )
                 except (ApigeeError, TimeoutError) as exc:
                     bucket.fail_sync(self._clock.now())

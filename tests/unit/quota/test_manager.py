@@ -241,3 +241,21 @@ async def test_flush_sends_unsynced_weight_at_shutdown(
     await quotas.flush(1.0)
     await runner
     assert fake.quota_count("p-test-dev@example.com-app") == 1
+
+
+async def test_a_sync_that_times_out_counts_as_failed_and_keeps_its_weight(
+    http: httpx.AsyncClient, clock: FakeClock, fake: FakeApigee
+) -> None:
+    metrics = new_metrics()
+    quotas = manager(http, clock, metrics, wait=0.01, sync_timeout=0.02)
+    fake.set_delay("quotas", 30)
+    assert (await request(quotas, op(2))).allowed
+    await quotas.drain()  # the sync gave up after 20 ms
+    assert value(metrics, "quota_syncs_total", org="org", result="error") == 1
+    assert (await request(quotas, op(2))).allowed  # offline: enforced locally, no waiting
+    assert not (await request(quotas, op(2))).allowed
+    fake.set_delay("quotas", 0)
+    clock.advance(1)  # past the first backoff
+    quotas.sync_due()
+    await quotas.drain()
+    assert fake.quota_count("p-test-dev@example.com-app") == 2  # both admissions reached Apigee
