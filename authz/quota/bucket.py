@@ -19,10 +19,12 @@ How a replica stays close to the limit without asking Apigee on every request (A
 - **Offline.** When a sync fails, the bucket enforces the limit locally from its last known count
   (the Go adapter's behaviour) until a sync succeeds again; those admissions are counted as unsynced.
 
-While syncs succeed, every admission beyond the limit is one of the unpaid ones, and a replica admits an
-unpaid request only when its count after its last sync was under the limit: the total admitted in a window
-is at most ``limit + replicas``. Reserved requests that are not used by the end of the window are lost,
-which can refuse requests a little before the limit (at most about a second of traffic per replica).
+While syncs succeed in time, every admission beyond the limit is one of the unpaid ones, and a replica
+admits an unpaid request only when its count after its last sync was under the limit: the total admitted
+in a window is at most ``limit + replicas``. Requests that waited longer than the manager's wait for a
+sync go on credit (``late``), so an Apigee slower than that wait loosens the bound towards
+replicas x limit. Reserved requests that are not used by the end of the window are lost, which can
+refuse requests a little before the limit (at most about a second of traffic per replica).
 """
 
 from __future__ import annotations

@@ -525,3 +525,33 @@ async def test_two_replicas_with_apigee_slower_than_the_sync_wait_each_enforce_t
     assert max(split.per_replica) <= TWO_REPLICA_LIMIT
     assert split.admitted >= TWO_REPLICA_LIMIT - 10
     assert split.counted >= split.admitted
+
+
+async def test_a_quota_change_under_load_migrates_the_bucket(tmp_path):
+    """A new limit arrives (catalog reload) while checks run: no error, the counts carry over."""
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(quota_catalog_yaml(5))
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(str(catalog)))
+    service = Service(load_config(config))
+    await service.start()
+    try:
+        limits = iter((12, 5, 12))  # a second run (minute boundary) starts from 5 again
+
+        async def change_under_load(identity: int) -> list[Any]:
+            if identity:
+                catalog.write_text(quota_catalog_yaml(next(limits)))
+                await eventually(service.current_catalog, lambda c: c is not None, "catalog")
+            before = service.current_catalog()
+            paths = [f"/v1/orders/{i % 5}" for i in range(40)]
+            load = asyncio.ensure_future(concurrent_checks(service, [request(identity, p) for p in paths]))
+            catalog.write_text(quota_catalog_yaml(next(limits)))  # while the checks run
+            replies = await load
+            await eventually(service.current_catalog, lambda c: c is not before, "the reloaded catalog")
+            return replies + await concurrent_checks(service, [request(identity)] * 20)
+
+        found = codes((await in_one_minute(change_under_load)).result)
+        assert set(found) <= {code_pb2.OK, code_pb2.RESOURCE_EXHAUSTED}  # never an error
+        assert found.count(code_pb2.OK) == 12  # one bucket across the change: 12 in all, not 5 + 12
+    finally:
+        await service.stop()
