@@ -37,6 +37,7 @@ UNIT_SECONDS: Final = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 UNITS: Final = frozenset({*UNIT_SECONDS, "month"})
 ORIGIN: Final = 1546300800  # 2019-01-01T00:00:00Z
 RESERVE_SECONDS: Final = 1.0  # a reservation covers this much of the bucket's recent traffic
+RATE_WINDOW: Final = 0.1  # seconds: the shortest span a rate is measured over
 
 
 def window(now: float, interval: int, unit: str) -> tuple[float, float]:
@@ -184,9 +185,9 @@ class Bucket:
         more)."""
         if now >= self.window_end:
             self._roll(now)
-        elapsed = max(now - self.last_sync, 1.0)
-        measured = self.admitted / elapsed
-        self.rate = measured if self.rate == 0.0 else (self.rate + measured) / 2
+        # Over at least RATE_WINDOW: the first request alone must not look like a thousand a second.
+        measured = self.admitted / max(now - self.last_sync, RATE_WINDOW)
+        self.rate = measured if measured > self.rate else (self.rate + measured) / 2  # up fast, down slowly
         self.last_sync = now
         self.admitted = 0
         left = self.limit - self.count - self.unsynced

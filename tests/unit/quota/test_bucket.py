@@ -101,20 +101,28 @@ def test_a_refund_gives_an_admission_back() -> None:
 
 
 def test_remote_admits_one_on_credit_then_waits_for_the_sync() -> None:
-    bucket = remote(10)
+    bucket = remote(100)
     first = bucket.apply(T0)
-    assert first == Outcome(True, 10, 9, END, unsynced=True)
+    assert first == Outcome(True, 100, 99, END, unsynced=True)
     assert bucket.needs_sync()
     assert bucket.apply(T0) is None  # one unpaid request at a time
-    weight = bucket.begin_sync(T0, demand=3)
-    assert weight == 1 + 3  # the unpaid request and a reservation for the three waiting
+    weight = bucket.begin_sync(T0, demand=30)
+    assert weight == 1 + 30  # the unpaid request and a reservation for the thirty waiting
     assert not bucket.needs_sync()  # one sync at a time
     assert bucket.apply(T0) is None  # the unpaid one is in flight
-    bucket.end_sync(T0 + 0.01, count=4, expiry=END)
-    assert (bucket.count, bucket.lease, bucket.offline) == (4, 3, False)
-    assert [bucket.apply(T0 + 0.02) for _ in range(3)] == [Outcome(True, 10, r, END) for r in (8, 7, 6)]
+    bucket.end_sync(T0 + 0.01, count=31, expiry=END)
+    assert (bucket.count, bucket.lease, bucket.offline) == (31, 30, False)
+    assert [bucket.apply(T0 + 0.02) for _ in range(3)] == [Outcome(True, 100, r, END) for r in (98, 97, 96)]
+    for _ in range(27):
+        bucket.apply(T0 + 0.02)
     assert bucket.lease == 0
-    assert bucket.apply(T0 + 0.03) == Outcome(True, 10, 5, END, unsynced=True)  # credit again
+    assert bucket.apply(T0 + 0.03) == Outcome(True, 100, 68, END, unsynced=True)  # credit again
+
+
+def test_the_first_reservation_is_for_ten_a_second() -> None:
+    bucket = remote(1000)
+    bucket.apply(T0)
+    assert bucket.begin_sync(T0) == 1 + 10  # one request, measured over at least 0.1 s
 
 
 def test_the_reservation_follows_the_rate_and_leaves_half_of_what_is_left() -> None:
@@ -155,7 +163,7 @@ def test_apigee_s_window_end_wins_over_the_local_estimate() -> None:
     bucket.apply(T0)
     bucket.begin_sync(T0, demand=1)
     bucket.end_sync(T0, count=7, expiry=END + 30)
-    assert (bucket.window_end, bucket.count, bucket.lease) == (END + 30, 7, 1)
+    assert (bucket.window_end, bucket.count, bucket.lease) == (END + 30, 7, 4)  # reserved (10 - 1) // 2
 
 
 def test_a_failed_sync_keeps_its_weight_and_enforces_locally() -> None:
@@ -205,13 +213,14 @@ def test_refund_in_apigee_mode() -> None:
 def test_the_lease_is_topped_up_when_half_spent() -> None:
     bucket = remote(100)
     bucket.apply(T0)
-    bucket.begin_sync(T0, demand=4)
-    bucket.end_sync(T0, count=5, expiry=END)
+    bucket.begin_sync(T0)  # reserves 10
+    bucket.end_sync(T0, count=11, expiry=END)
     assert not bucket.needs_sync()  # nothing spent yet
+    for _ in range(4):
+        bucket.apply(T0)
+    assert not bucket.needs_sync()  # 6 of 10 left
     bucket.apply(T0)
-    assert not bucket.needs_sync()  # 3 of 4 left
-    bucket.apply(T0)
-    assert bucket.needs_sync()  # 2 of 4 left: ask for more before it runs out
+    assert bucket.needs_sync()  # 5 of 10 left: ask for more before it runs out
     assert not local().needs_sync()  # standalone never syncs
 
 
