@@ -108,6 +108,9 @@ Try:
   curl -i -H 'x-api-key: {DEMO_KEY}' {url}/v2/x
   # an unknown key: 401
   curl -i -H 'x-api-key: wrong-key' {url}/v1/orders
+  # a path with a quota of 5 a minute: five 200s, then 429 with retry-after and ratelimit-* headers
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' \\
+    -H 'x-api-key: {DEMO_KEY}' {url}/v1/limited; done; echo
   # Prometheus metrics
   curl -s {stack.metrics_url}/metrics{more}
 
