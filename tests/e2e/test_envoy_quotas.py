@@ -7,13 +7,10 @@ minute boundary cut in two runs once more with the next app's key (a fresh bucke
 
 from __future__ import annotations
 
-import math
 import re
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Generic, TypeVar
 
 import httpx
 import pytest
@@ -34,36 +31,11 @@ from tests.support.catalogs import (
     quota_products,
 )
 from tests.support.http_polling import poll
+from tests.support.minutes import Run, in_one_minute
 
 pytestmark = pytest.mark.e2e
 
 API = "orders-api"  # every route names it (the apigee_api context extension)
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Run(Generic[T]):
-    identity: int  # the index into QUOTA_KEYS it used
-    result: T
-    started: float
-    ended: float
-
-    def reset_range(self) -> range:
-        """The ratelimit-reset values a response sent during the run may carry (whole seconds, >= 1)."""
-        window_end = (self.started // 60 + 1) * 60
-        return range(max(math.ceil(window_end - self.ended), 1), math.ceil(window_end - self.started) + 1)
-
-
-def in_one_minute(measure: Callable[[int], T], first: int = 0) -> Run[T]:
-    """``measure(identity)``, again with ``identity + 1`` if a minute boundary passed during the first run."""
-    for identity in (first, first + 1):
-        started = time.time()
-        result = measure(identity)
-        ended = time.time()
-        if started // 60 == ended // 60:
-            return Run(identity, result, started, ended)
-        print(f"a minute boundary passed during the run with identity {identity}; running it again")
-    raise AssertionError("two runs in a row crossed a minute boundary")
 
 
 def send(http: httpx.Client, stack: Stack, key: str, path: str = "/v1/orders/1") -> httpx.Response:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import httpx
@@ -42,6 +41,7 @@ from tests.support.catalogs import (
     quota_products,
 )
 from tests.support.check_requests import check_request
+from tests.support.minutes import Run, in_one_minute_async
 
 pytestmark = pytest.mark.integration
 
@@ -50,37 +50,6 @@ T = TypeVar("T")
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Run(Generic[T]):
-    """One measurement that stayed inside one calendar minute."""
-
-    identity: int  # the index into QUOTA_KEYS it used
-    result: T
-    started: float
-    ended: float
-
-    @property
-    def window_end(self) -> float:
-        return (self.started // 60 + 1) * 60
-
-    def reset_range(self) -> range:
-        """The ratelimit-reset values a response sent during the run may carry (whole seconds, >= 1)."""
-        low = max(math.ceil(self.window_end - self.ended), 1)
-        return range(low, math.ceil(self.window_end - self.started) + 1)
-
-
-async def in_one_minute(measure: Callable[[int], Awaitable[T]], first: int = 0) -> Run[T]:
-    """``measure(identity)``, again with ``identity + 1`` if a minute boundary passed during the first run."""
-    for identity in (first, first + 1):
-        started = time.time()
-        result = await measure(identity)
-        ended = time.time()
-        if started // 60 == ended // 60:
-            return Run(identity, result, started, ended)
-        print(f"a minute boundary passed during the run with identity {identity}; running it again")
-    raise AssertionError("two runs in a row crossed a minute boundary")
 
 
 async def eventually(
@@ -209,7 +178,7 @@ async def test_the_sixth_request_of_a_minute_is_429_with_retry_headers(standalon
     async def seven_identical_requests(identity: int) -> list[Any]:
         return await checks(service, [request(identity)] * 7)  # the same shape: allow-cache hits
 
-    run = await in_one_minute(seven_identical_requests)
+    run = await in_one_minute_async(seven_identical_requests)
     replies = run.result
     assert codes(replies) == [code_pb2.OK] * 5 + [code_pb2.RESOURCE_EXHAUSTED] * 2
     for reply in replies[:5]:
@@ -230,7 +199,7 @@ async def test_requests_of_one_app_share_its_bucket_across_paths_and_methods(sta
         requests = [request(identity, path, method) for path, method in shapes * 2]  # 6 requests
         return await checks(service, requests)
 
-    replies = (await in_one_minute(mixed)).result
+    replies = (await in_one_minute_async(mixed)).result
     assert codes(replies) == [code_pb2.OK] * 5 + [code_pb2.RESOURCE_EXHAUSTED]
 
 
@@ -240,7 +209,7 @@ async def test_quota_headers_on_allowed_responses(standalone):
     async def six(identity: int) -> list[Any]:
         return await checks(service, [request(identity)] * 6)
 
-    run = await in_one_minute(six)
+    run = await in_one_minute_async(six)
     allowed, refused = run.result[:5], run.result[5]
     assert codes(allowed) == [code_pb2.OK] * 5
     remaining = []
@@ -269,7 +238,7 @@ async def test_concurrent_checks_admit_exactly_the_limit(standalone):
         paths = [f"/v1/orders/{i % 9}" for i in range(200)]  # cache hits and misses mixed
         return await concurrent_checks(service, [request(identity, path) for path in paths])
 
-    run = await in_one_minute(burst)
+    run = await in_one_minute_async(burst)
     found = codes(run.result)
     print(f"standalone, 200 concurrent checks, limit 50: {found.count(code_pb2.OK)} admitted")
     assert found.count(code_pb2.OK) == 50
@@ -285,7 +254,7 @@ async def test_allow_unauthorized_lets_a_request_over_quota_through_marked_unaut
     async def six(identity: int) -> list[Any]:
         return await checks(service, [request(identity)] * 6)
 
-    run = await in_one_minute(six)
+    run = await in_one_minute_async(six)
     assert codes(run.result) == [code_pb2.OK] * 6
     for reply in run.result[:5]:
         metadata = codec.metadata_struct(reply)
@@ -310,7 +279,7 @@ async def test_quota_metrics(standalone):
         await checks(service, [request(identity)] * 6)
         return service
 
-    run = await in_one_minute(six_on_a_new_service)
+    run = await in_one_minute_async(six_on_a_new_service)
     text = await metrics_text(run.result)
     assert 'quota_checks_total{env="test",org="org",result="allowed"} 5.0' in text
     assert 'quota_checks_total{env="test",org="org",result="exceeded"} 1.0' in text
@@ -378,7 +347,7 @@ async def test_apigee_mode_sixth_request_is_429_and_apigee_counts_the_admitted(r
         replies = await checks(service, [request(identity)] * 6)
         return replies, await apigee_count(fake, quota_id(identity), 5, minute)
 
-    run = await in_one_minute(six)
+    run = await in_one_minute_async(six)
     replies, count = run.result
     assert codes(replies) == [code_pb2.OK] * 5 + [code_pb2.RESOURCE_EXHAUSTED]
     assert_quota_exceeded(replies[5], 5, run)
@@ -404,7 +373,7 @@ async def test_apigee_mode_failing_quotas_enforces_locally_and_counts_unsynced(r
         replies = await checks(service, [request(identity)] * 7)
         return replies, unsynced() - before
 
-    run = await in_one_minute(seven)
+    run = await in_one_minute_async(seven)
     replies, admitted_unsynced = run.result
     assert codes(replies) == [code_pb2.OK] * 5 + [code_pb2.RESOURCE_EXHAUSTED] * 2
     assert_quota_exceeded(replies[5], 5, run)
@@ -429,7 +398,7 @@ async def test_apigee_mode_sends_the_offline_admissions_when_apigee_is_back(repl
         online = await checks(service, [request(identity)] * 2)
         return offline, count, online
 
-    run = await in_one_minute(offline_then_back)
+    run = await in_one_minute_async(offline_then_back)
     offline, count, online = run.result
     assert codes(offline) == [code_pb2.OK] * 4
     assert count == 4  # the four admissions; nothing reserved with a single request left
@@ -507,7 +476,7 @@ async def test_two_replicas_share_one_apigee_counter_within_the_documented_bound
     fake, _ = apigee
     # The bound holds while syncs answer within quota_sync_wait; a generous wait keeps a busy CI machine
     # (everything here shares one event loop) from turning slow syncs into the case of the next test.
-    split = (await in_one_minute(await two_replicas(replica, fake, "  quota_sync_wait: 3s"))).result
+    split = (await in_one_minute_async(await two_replicas(replica, fake, "  quota_sync_wait: 3s"))).result
     report("Apigee on loopback", split)
     assert split.admitted <= TWO_REPLICA_LIMIT + 2
     assert split.admitted >= TWO_REPLICA_LIMIT - 10
@@ -522,7 +491,7 @@ async def test_two_replicas_with_apigee_slower_than_the_sync_wait_each_enforce_t
     ``replicas x limit``, as while Apigee is down."""
     fake, _ = apigee
     fake.set_delay("quotas", 0.5)
-    split = (await in_one_minute(await two_replicas(replica, fake))).result
+    split = (await in_one_minute_async(await two_replicas(replica, fake))).result
     report("Apigee answering in 500 ms", split)
     assert max(split.per_replica) <= TWO_REPLICA_LIMIT
     assert split.admitted >= TWO_REPLICA_LIMIT - 10
@@ -552,7 +521,7 @@ async def test_a_quota_change_under_load_migrates_the_bucket(tmp_path):
             await eventually(service.current_catalog, lambda c: c is not before, "the reloaded catalog")
             return replies + await concurrent_checks(service, [request(identity)] * 20)
 
-        found = codes((await in_one_minute(change_under_load)).result)
+        found = codes((await in_one_minute_async(change_under_load)).result)
         assert set(found) <= {code_pb2.OK, code_pb2.RESOURCE_EXHAUSTED}  # never an error
         assert found.count(code_pb2.OK) == 12  # one bucket across the change: 12 in all, not 5 + 12
     finally:
