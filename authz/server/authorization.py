@@ -149,6 +149,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                     charged = await self._quotas.charge(quota_ops, decision.environment)
                 if not charged.allowed or self._quota_headers:
                     decision, response = self._quota_answer(decision, response, charged, now)
+                if not charged.allowed and attrs is None:
+                    attrs = codec.request_attrs(request)  # an allow-cache hit: read it for the deny log
         except Exception:
             # Never log the request here: it may carry a credential.
             log.exception("Check failed; answering 503")

@@ -526,3 +526,17 @@ async def test_a_quota_change_under_load_migrates_the_bucket(tmp_path):
         assert found.count(code_pb2.OK) == 12  # one bucket across the change: 12 in all, not 5 + 12
     finally:
         await service.stop()
+
+
+async def test_a_429_from_the_allow_cache_is_logged_with_method_and_path(standalone, caplog):
+    service = await standalone()
+    caplog.set_level("INFO", logger="authz.server.authorization")
+
+    async def six(identity: int) -> list[Any]:
+        return await checks(service, [request(identity)] * 6)  # the 6th is an allow-cache hit
+
+    run = await in_one_minute_async(six)
+    assert codes(run.result)[-1] == code_pb2.RESOURCE_EXHAUSTED
+    denials = [r.getMessage() for r in caplog.records if "quota_exceeded" in r.getMessage()]
+    assert denials == ["denied: quota_exceeded GET api=orders-api path=/v1/orders/1 request_id=-"]
+    assert QUOTA_KEYS[run.identity] not in caplog.text
