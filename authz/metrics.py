@@ -90,6 +90,13 @@ class Metrics:
     quota_admitted_unsynced: Counter
     quota_buckets: Gauge
     quota_remaining: Gauge
+    analytics_records: Counter
+    analytics_dropped: Counter
+    analytics_staged_files: Gauge
+    analytics_staged_bytes: Gauge
+    analytics_oldest_staged: Gauge
+    analytics_uploads: Counter
+    analytics_quarantined: Counter
 
 
 def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
@@ -201,6 +208,47 @@ def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
             "quota_remaining",
             "Requests left in the current window per quota identifier (only with auth.quota_metrics_per_id).",
             ["org", "env", "quota"],
+            registry=registry,
+        ),
+        analytics_records=Counter(
+            "analytics_records",
+            "Analytics records by stage: received (from the access log or a deny), accepted (durable on "
+            "disk), uploaded (confirmed by Apigee or the sink).",
+            ["org", "env", "status"],
+            registry=registry,
+        ),
+        analytics_dropped=Counter(
+            "analytics_records_dropped",
+            "Analytics records dropped, by reason (invalid, no_metadata, queue_full, disk_full, overflow, "
+            "corrupt, quarantined).",
+            ["org", "reason"],
+            registry=registry,
+        ),
+        analytics_staged_files=Gauge(
+            "analytics_staged_files", "Closed analytics files waiting for upload.", ["org"], registry=registry
+        ),
+        analytics_staged_bytes=Gauge(
+            "analytics_staged_bytes",
+            "Bytes of analytics files on disk (open and staged).",
+            ["org"],
+            registry=registry,
+        ),
+        analytics_oldest_staged=Gauge(
+            "analytics_oldest_staged_seconds",
+            "Age of the oldest analytics file waiting for upload (0 when none).",
+            ["org"],
+            registry=registry,
+        ),
+        analytics_uploads=Counter(
+            "analytics_uploads",
+            "Analytics file uploads by result (ok, transient_error, permanent_error).",
+            ["org", "env", "result"],
+            registry=registry,
+        ),
+        analytics_quarantined=Counter(
+            "analytics_files_quarantined",
+            "Analytics files set aside (permanent upload error, corrupt) instead of retried forever.",
+            ["org", "reason"],
             registry=registry,
         ),
     )
