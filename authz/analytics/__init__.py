@@ -1,0 +1,1 @@
+"""Apigee analytics: records from access logs and denied checks, staged as gzip NDJSON and uploaded."""
