@@ -6,7 +6,29 @@ SHA-512 `ETag` and `304`, `POST {base}/verifyApiKey` minting RS256 JWTs with the
 `/remote-token` proxy's `certs` JWKS and `token` endpoint. Calls to `{base}` check Basic or internal-JWT
 auth (§3.0). Faults are knobs per endpoint (drop, fail, malformed, delay). The same object is an
 `httpx.MockTransport` handler (`fake.transport()`) and a loopback HTTP server (`await fake.serve()`).
-Not covered: analytics upload (§3.4/3.5), `{base}/version`, `{base}/rotate`.
+
+Analytics (§3.4, §3.5), for any org/env. `{internal}` is `internal_path` (default `/edgemicro`, like the
+legacy SaaS `https://istioservices.apigee.net/edgemicro`), so `tenant.internal_api` is
+`server.internal_api_url`:
+
+    GET  {internal}/analytics/organization/{org}/environment/{env}?encrypt=true
+         &file_content_type=application%2Fx-gzip&relative_file_path=date%3D..%2Ftime%3D..-00%2F<name>
+         &tenant={org}~{env}                               Basic/JWT auth like {base}  -> {"url": ...}
+    GET  /v1/organizations/{org}/environments/{env}/datalocation?dataset=api&repo=edge
+         &relative_file_path={unix}.api.{org}.{env}.{uuid}.gz   Bearer (any, or `google_token`) -> {"url"}
+    PUT  /signed/{id}?relative_file_path=..&tenant=..     the signed URL: gzip NDJSON, exactly 200
+    POST {internal}/axpublisher/organization/{org}/environment/{env}
+         {"organization","environment","records":[...]}    Basic/JWT auth -> {"accepted":N,"rejected":M}
+
+A signed URL works once: unknown or reused -> 403 (like an expired signature). A URL from the legacy flavour
+needs `Content-Type: application/x-gzip` and `x-amz-server-side-encryption: AES256` (signed headers in S3,
+else 403) and tolerates the Basic header the Go adapter keeps; a GCP (GCS) URL refuses any `Authorization`
+(400, two auth mechanisms). Accepted bodies are gunzipped and split into JSON records: read them with
+`analytics_records(org, env)`; `uploads` lists (org, env, relative_file_path), `publishes` (org, env, count).
+A body that is not gzip NDJSON objects is a 400 (a test aid; real storage would keep the bytes).
+Fault knobs take the endpoint names `analytics_url`, `datalocation`, `signed_put` and `axpublisher`.
+Not covered: `{base}/version`, `{base}/rotate`, `Expect: 100-continue`; over loopback, bodies over 1 MiB get
+413 (http_server.MAX_BODY).
 
 Standalone: `python -m tests.fakes.apigee --port 8080 --key KEY:app:dev@x:product1,product2`
 (see apigee_cli.py).
@@ -20,17 +42,20 @@ import base64
 import binascii
 import collections
 import copy
+import gzip
 import hashlib
 import json
+import re
 import secrets
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from types import TracebackType
-from typing import Any
-from urllib.parse import parse_qsl
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
 import jwt
@@ -39,7 +64,12 @@ from jwt.algorithms import RSAAlgorithm
 
 from tests.fakes.http_server import ConnectionDropped, LoopbackServer
 
-ENDPOINTS = frozenset({"products", "verifyApiKey", "certs", "token", "quotas"})
+ENDPOINTS = frozenset(
+    {
+        "products", "verifyApiKey", "certs", "token", "quotas",
+        "analytics_url", "datalocation", "signed_put", "axpublisher",
+    }
+)  # fmt: skip
 AUDIENCE = "remote-service-client"
 INTERNAL_ISSUER = "apigee-remote-service-envoy"
 INVALID_API_KEY = {
@@ -50,6 +80,10 @@ UNAUTHORIZED = {"error": "unauthorized"}
 # The GCP proxy's Quota policy is type="calendar" with StartTime 2019-01-01 00:00:00 (DistributedQuota.xml).
 QUOTA_START = datetime(2019, 1, 1, tzinfo=UTC)
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+# Legacy relative_file_path: date=YYYY-MM-DD/time=HH-MM-00/<file> (GOLIB saas_uploader uploadDir).
+_LEGACY_PATH = re.compile(r"date=\d{4}-\d{2}-\d{2}/time=\d{2}-\d{2}-00/[^/]+")
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_Answer = Callable[[httpx.Request], httpx.Response]
 
 
 @dataclass
@@ -59,6 +93,15 @@ class _Key:
     products: list[str]
     client_id: str
     status: str
+
+
+@dataclass
+class _SignedUrl:
+    org: str
+    env: str
+    relative_file_path: str
+    flavour: Literal["legacy", "gcp"]
+    used: bool = False
 
 
 @dataclass
@@ -74,6 +117,16 @@ def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> h
         content=json.dumps(payload).encode(),
         headers={"Content-Type": "application/json", **(headers or {})},
     )
+
+
+def _google_error(status: int, message: str, code: str) -> httpx.Response:
+    return _json(status, {"error": {"code": status, "message": message, "status": code}})
+
+
+def _storage_error(status: int, code: str, message: str) -> httpx.Response:
+    body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message>"
+    body += "</Error>"
+    return httpx.Response(status, content=body.encode(), headers={"Content-Type": "application/xml"})
 
 
 def quota_window(now: float, time_unit: str, interval: int) -> tuple[float, float]:
@@ -105,10 +158,14 @@ class FakeApigee:
         basic_auth: tuple[str, str] | None = None,
         policy_jwks: dict[str, Any] | None = None,
         base_path: str = "/remote-service",
+        internal_path: str = "/edgemicro",
+        google_token: str | None = None,
         token_ttl: float = 900.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.org, self.env, self.base_path = org, env, base_path.rstrip("/")
+        self.internal_path = internal_path.rstrip("/")
+        self.google_token = google_token  # None: datalocation takes any Bearer token
         self.basic_auth, self.token_ttl, self._clock = basic_auth, token_ttl, clock
         self._policy_keys = jwt.PyJWKSet.from_dict(policy_jwks) if policy_jwks is not None else None
         self.calls: collections.Counter[str] = collections.Counter()
@@ -119,6 +176,10 @@ class FakeApigee:
         self._fails: dict[str, collections.deque[_Canned]] = collections.defaultdict(collections.deque)
         self._malformed: dict[str, collections.deque[_Canned]] = collections.defaultdict(collections.deque)
         self._delays: dict[str, float] = {}
+        self._signed: dict[str, _SignedUrl] = {}
+        self._analytics: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
+        self.uploads: list[tuple[str, str, str]] = []  # accepted PUTs: (org, env, relative_file_path)
+        self.publishes: list[tuple[str, str, int]] = []  # accepted axpublisher POSTs: (org, env, records)
         self._private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         # The real JWKS uses an RFC 3339 timestamp as kid (cli provision / token rotate-cert).
         self.signing_kid = datetime.fromtimestamp(clock(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -143,6 +204,15 @@ class FakeApigee:
             "/remote-token/certs": ("certs", "GET", self._get_certs),
             "/remote-token/token": ("token", "POST", self._post_token),
         }
+        ia = re.escape(self.internal_path)
+        tenant = "organization/(?P<org>[^/]+)/environment/(?P<env>[^/]+)"  # the Go adapter's analyticsPath
+        datalocation = "/v1/organizations/(?P<org>[^/]+)/environments/(?P<env>[^/]+)/datalocation"
+        self._patterns: list[tuple[re.Pattern[str], str, str, Callable[..., httpx.Response]]] = [
+            (re.compile(f"{ia}/analytics/{tenant}"), "analytics_url", "GET", self._legacy_signed_url),
+            (re.compile(datalocation), "datalocation", "GET", self._datalocation),
+            (re.compile("/signed/(?P<url_id>[^/]+)"), "signed_put", "PUT", self._signed_put),
+            (re.compile(f"{ia}/axpublisher/{tenant}"), "axpublisher", "POST", self._axpublisher),
+        ]
 
     # -- state -----------------------------------------------------------------------------------------
 
@@ -167,6 +237,10 @@ class FakeApigee:
 
     def revoke_key(self, api_key: str) -> None:
         self._keys[api_key].status = "revoked"
+
+    def analytics_records(self, org: str, env: str) -> list[dict[str, Any]]:
+        """Every record received for (org, env), by signed-URL upload or axpublisher, in arrival order."""
+        return copy.deepcopy(self._analytics.get((org, env), []))
 
     def quota_count(self, identifier: str) -> int:
         """Total weight counted for `identifier` in its current window (0 when unknown or expired)."""
@@ -213,7 +287,7 @@ class FakeApigee:
 
     async def handler(self, request: httpx.Request) -> httpx.Response:
         """Answer one request; usable as `httpx.MockTransport(fake.handler)`."""
-        route = self._routes.get(request.url.path)
+        route = self._route(request.url.path)
         if route is None:
             return _json(404, {"error": "not_found"})
         endpoint, method, answer = route
@@ -240,12 +314,23 @@ class FakeApigee:
             return _json(401, UNAUTHORIZED)
         return answer(request)
 
+    def _route(self, path: str) -> tuple[str, str, _Answer] | None:
+        route = self._routes.get(path)
+        if route is not None:
+            return route
+        for pattern, endpoint, method, answer in self._patterns:
+            match = pattern.fullmatch(path)
+            if match is not None:
+                return endpoint, method, partial(answer, **match.groupdict())
+        return None
+
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handler)
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> FakeServer:
         """Start a real HTTP/1.1 server on the running loop; close it with `await server.close()`."""
-        return FakeServer(await LoopbackServer.start(self.handler, host, port), self.base_path)
+        server = await LoopbackServer.start(self.handler, host, port)
+        return FakeServer(server, self.base_path, self.internal_path)
 
     # -- endpoints -------------------------------------------------------------------------------------
 
@@ -358,6 +443,77 @@ class FakeApigee:
             },
         )
 
+    # -- analytics (§3.4, §3.5) ------------------------------------------------------------------------
+
+    def _issue(self, request: httpx.Request, signed: _SignedUrl) -> httpx.Response:
+        url_id = secrets.token_urlsafe(12)
+        self._signed[url_id] = signed
+        tenant = f"{signed.org}~{signed.env}"
+        query = urlencode({"relative_file_path": signed.relative_file_path, "tenant": tenant})
+        return _json(200, {"url": f"{_origin(request)}/signed/{url_id}?{query}"})
+
+    def _legacy_signed_url(self, request: httpx.Request, org: str, env: str) -> httpx.Response:
+        if not self._authorized(request):
+            return _json(401, UNAUTHORIZED)
+        query = request.url.params
+        relative = query.get("relative_file_path", "")
+        if (
+            query.get("encrypt") != "true"
+            or query.get("file_content_type") != "application/x-gzip"
+            or query.get("tenant") != f"{org}~{env}"
+            or not _LEGACY_PATH.fullmatch(relative)
+        ):
+            return _json(400, INVALID_REQUEST)
+        return self._issue(request, _SignedUrl(org, env, relative, "legacy"))
+
+    def _datalocation(self, request: httpx.Request, org: str, env: str) -> httpx.Response:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token or self.google_token not in (None, token):
+            return _google_error(401, "Request had invalid authentication credentials.", "UNAUTHENTICATED")
+        query = request.url.params
+        relative = query.get("relative_file_path", "")
+        name = rf"\d+\.api\.{re.escape(org)}\.{re.escape(env)}\.{_UUID}\.gz"
+        if query.get("dataset") != "api" or query.get("repo") != "edge" or not re.fullmatch(name, relative):
+            return _google_error(400, "Request contains an invalid argument.", "INVALID_ARGUMENT")
+        return self._issue(request, _SignedUrl(org, env, relative, "gcp"))
+
+    def _signed_put(self, request: httpx.Request, url_id: str) -> httpx.Response:
+        signed = self._signed.get(url_id)
+        if signed is None or signed.used:
+            return _storage_error(403, "AccessDenied", "Request has expired")
+        signed.used = True
+        headers = request.headers
+        if signed.flavour == "gcp" and "authorization" in headers:
+            return _storage_error(400, "InvalidArgument", "Only one auth mechanism allowed")
+        if signed.flavour == "legacy" and (
+            headers.get("content-type") != "application/x-gzip"
+            or headers.get("x-amz-server-side-encryption") != "AES256"
+        ):
+            return _storage_error(403, "SignatureDoesNotMatch", "Signed headers do not match")
+        try:
+            lines = gzip.decompress(request.content).splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+        except (OSError, EOFError, ValueError):
+            return _storage_error(400, "InvalidArgument", "fake: the body is not gzip NDJSON")
+        if not all(isinstance(record, dict) for record in records):
+            return _storage_error(400, "InvalidArgument", "fake: a line is not a JSON object")
+        self._analytics[(signed.org, signed.env)].extend(records)
+        self.uploads.append((signed.org, signed.env, signed.relative_file_path))
+        etag = '"' + hashlib.md5(request.content, usedforsecurity=False).hexdigest() + '"'
+        return httpx.Response(200, headers={"ETag": etag})
+
+    def _axpublisher(self, request: httpx.Request, org: str, env: str) -> httpx.Response:
+        if not self._authorized(request):
+            return _json(401, UNAUTHORIZED)
+        body = _body(request)
+        records = body.get("records")
+        if body.get("organization") != org or body.get("environment") != env or not isinstance(records, list):
+            return _json(400, INVALID_REQUEST)
+        accepted = [record for record in records if isinstance(record, dict)]
+        self._analytics[(org, env)].extend(accepted)
+        self.publishes.append((org, env, len(accepted)))
+        return _json(200, {"accepted": len(accepted), "rejected": len(records) - len(accepted)})
+
     def _sign(self, claims: dict[str, Any]) -> str:
         now = int(self._clock())
         base = {
@@ -375,12 +531,14 @@ class FakeApigee:
 class FakeServer:
     """A FakeApigee served over loopback: `async with await fake.serve() as server:`."""
 
-    def __init__(self, server: LoopbackServer, base_path: str) -> None:
+    def __init__(self, server: LoopbackServer, base_path: str, internal_path: str = "/edgemicro") -> None:
         self._server = server
         self.port = server.port
         self.base_url = server.base_url
         self.runtime_url = server.base_url  # where /remote-token lives
         self.remote_service_url = server.base_url + base_path
+        self.internal_api_url = server.base_url + internal_path  # tenant.internal_api (legacy analytics)
+        self.analytics_url = server.base_url  # stands for https://apigee.googleapis.com (datalocation)
 
     async def close(self) -> None:
         await self._server.close()

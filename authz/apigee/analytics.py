@@ -1,0 +1,203 @@
+"""AnalyticsClient: the HTTP calls that hand analytics records to Apigee (reference §3.4, §3.5).
+
+Three kinds, fixed at construction:
+
+* ``gcp`` (Apigee X / hybrid): ``GET {base}/v1/organizations/{org}/environments/{env}/datalocation`` with a
+  Google bearer token (``base`` is ``https://apigee.googleapis.com`` in production), then ``PUT`` the gzip
+  file to the signed URL with **no** Authorization header (GCS refuses a second auth mechanism).
+* ``legacy`` (legacy SaaS, OPDK without ``legacy_endpoint``): ``GET {internal_api}/analytics/organization/
+  {org}/environment/{env}?encrypt=true&file_content_type=application/x-gzip&relative_file_path=..&tenant=
+  {org}~{env}`` with the Basic header, then ``PUT`` with ``Content-Type: application/x-gzip`` and
+  ``x-amz-server-side-encryption: AES256``. The Go adapter keeps the Basic header on that PUT wherever the
+  URL points; this client sends it only when the signed URL has the same origin as ``internal_api``, so the
+  tenant's credentials never go to a storage host.
+* ``axpublisher`` (OPDK, ``analytics.legacy_endpoint: true``): ``POST {internal_api}/axpublisher/
+  organization/{org}/environment/{env}`` with ``{"organization", "environment", "records": [...]}``.
+
+Every call is timed in ``apigee_requests_seconds{org,env,api="analytics",code,method}`` under the file's
+own tenant. Errors follow the tree in ``authz.errors``: transport errors, timeouts, 5xx, 408 and 429 raise
+``ApigeeUnavailable`` (with Apigee's ``Retry-After``); any other answer that is not the one expected (a
+4xx, a redirect, a PUT answered with anything but exactly 200) raises ``ApigeeRejected(status)``; a 200
+without a usable ``{"url": ...}`` raises ``ApigeeUnavailable``. Nothing here retries or deletes files: the
+uploader (``authz.analytics.uploader``) owns that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from authz.apigee.client import retry_after
+from authz.apigee.signer import Authorizer
+from authz.errors import ApigeeRejected, ApigeeUnavailable
+from authz.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["gcp", "legacy", "axpublisher"]
+TokenProvider = Callable[[], Awaitable[str]]
+"""Returns a current Google OAuth2 access (or ID) token, without the ``Bearer`` prefix."""
+
+GCP_ANALYTICS_BASE = "https://apigee.googleapis.com"  # the Go adapter forces this base in GCP mode
+GZIP = "application/x-gzip"
+MAX_URL_BODY_BYTES = 64 * 1024  # a {"url": ...} answer is a few hundred bytes
+API = "analytics"  # the api label of apigee_requests_seconds
+
+
+class AnalyticsClient:
+    """Uploads analytics to Apigee for any tenant; the tenant (org, env) is an argument of every call.
+
+    Args:
+        http: the shared client (timeout, TLS and pool from ``new_http_client``); no auth of its own.
+        kind: which of the three protocols above to speak.
+        base_url: ``tenant.internal_api`` for ``legacy`` and ``axpublisher``; the Google API base for
+            ``gcp`` (``GCP_ANALYTICS_BASE`` in production, the fake's URL in tests).
+        metrics: where calls are timed.
+        authorizer: the Basic (or internal JWT) Authorization for ``legacy`` and ``axpublisher``.
+        token: the Google bearer token provider for ``gcp``.
+
+    Raises:
+        ValueError: the credentials the kind needs are missing.
+    """
+
+    def __init__(
+        self, http: httpx.AsyncClient, kind: Kind, base_url: str, metrics: Metrics, *,
+        authorizer: Authorizer | None = None, token: TokenProvider | None = None,
+    ) -> None:  # fmt: skip
+        if kind == "gcp" and token is None:
+            raise ValueError("the gcp analytics client needs a token provider")
+        if kind in ("legacy", "axpublisher") and authorizer is None:
+            raise ValueError(f"the {kind} analytics client needs an authorizer")
+        self._http = http
+        self.kind: Kind = kind
+        self._base = base_url.rstrip("/")
+        self._origin = _origin(httpx.URL(self._base))
+        self._metrics = metrics
+        self._authorizer = authorizer
+        self._token = token
+
+    def relative_name(self, org: str, env: str, path: Path, now: float) -> str:
+        """The ``relative_file_path`` for one upload attempt of ``path`` at ``now`` (epoch seconds).
+
+        ``gcp``: ``{unix}.api.{org}.{env}.{uuid4}.gz`` (a fresh uuid per attempt). ``legacy``:
+        ``date=YYYY-MM-DD/time=HH-MM-00/{file name}``. The Go adapter formats that partition in local time;
+        here it is UTC, which is what the Go adapter sends from a container anyway and does not depend on
+        the host's zone. ``axpublisher`` has no files: the file name.
+        """
+        if self.kind == "gcp":
+            return f"{int(now)}.api.{org}.{env}.{uuid.uuid4()}.gz"
+        if self.kind == "legacy":
+            at = datetime.fromtimestamp(now, UTC)
+            return f"date={at:%Y-%m-%d}/time={at:%H-%M}-00/{path.name}"
+        return path.name
+
+    async def upload(self, org: str, env: str, path: Path, relative_name: str) -> None:
+        """Upload one gzip NDJSON file to (org, env) through a signed URL. Returns only on exactly 200.
+
+        Raises:
+            OSError: ``path`` cannot be read (``FileNotFoundError`` when it is gone).
+            ApigeeUnavailable: transport error, timeout, 5xx/408/429, or no usable signed URL.
+            ApigeeRejected: any other status from either call (for example 401 on the GET, 403 on the PUT).
+            ValueError: the client is of kind ``axpublisher``.
+        """
+        if self.kind == "axpublisher":
+            raise ValueError("an axpublisher client publishes records; it does not upload files")
+        content = await asyncio.to_thread(path.read_bytes)
+        url = await self._signed_url(org, env, relative_name)
+        headers: dict[str, str] = {}
+        if self.kind == "legacy":
+            headers = {"Content-Type": GZIP, "x-amz-server-side-encryption": "AES256"}
+            if _origin(url) == self._origin:
+                headers["Authorization"] = self._authorization()
+        # httpx sets Content-Length for a bytes body; the client has no auth, so GCS gets no Authorization.
+        response = await self._send(org, env, "PUT", url, content=content, headers=headers)
+        if response.status_code != 200:  # the Go adapter confirms an upload by exactly 200
+            raise ApigeeRejected(response.status_code, f"PUT signed URL: HTTP {response.status_code}")
+
+    async def publish(self, org: str, env: str, records: Sequence[dict[str, Any]]) -> None:
+        """``POST {internal_api}/axpublisher/organization/{org}/environment/{env}``; returns on 200.
+
+        Raises:
+            ApigeeUnavailable: transport error, timeout, 5xx/408/429.
+            ApigeeRejected: any other status.
+            ValueError: the client is not of kind ``axpublisher``.
+        """
+        if self.kind != "axpublisher":
+            raise ValueError(f"a {self.kind} client uploads files; it does not publish records")
+        body = {"organization": org, "environment": env, "records": list(records)}
+        url = f"{self._base}/axpublisher/organization/{org}/environment/{env}"
+        headers = {"Content-Type": "application/json", "Authorization": self._authorization()}
+        content = json.dumps(body, separators=(",", ":")).encode()
+        response = await self._send(org, env, "POST", url, content=content, headers=headers)
+        if response.status_code != 200:
+            raise ApigeeRejected(response.status_code, f"POST axpublisher: HTTP {response.status_code}")
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict) and answer.get("rejected"):
+            log.warning(
+                "axpublisher %s~%s rejected %s of %d records", org, env, answer.get("rejected"), len(records)
+            )
+
+    async def _signed_url(self, org: str, env: str, relative_name: str) -> httpx.URL:
+        if self.kind == "gcp":
+            assert self._token is not None
+            url = f"{self._base}/v1/organizations/{org}/environments/{env}/datalocation"
+            params = {"dataset": "api", "relative_file_path": relative_name, "repo": "edge"}
+            headers = {"Authorization": f"Bearer {await self._token()}", "Accept": "application/json"}
+        else:  # the Go adapter's query, keys in url.Values.Encode() (sorted) order
+            url = f"{self._base}/analytics/organization/{org}/environment/{env}"
+            params = {"encrypt": "true", "file_content_type": GZIP, "relative_file_path": relative_name,
+                      "tenant": f"{org}~{env}"}  # fmt: skip
+            headers = {"Authorization": self._authorization(), "Accept": "application/json"}
+        response = await self._send(org, env, "GET", url, params=params, headers=headers)
+        status = response.status_code
+        if status != 200:
+            raise ApigeeRejected(status, f"GET signed URL: HTTP {status}")
+        if len(response.content) > MAX_URL_BODY_BYTES:
+            raise ApigeeUnavailable(f"GET signed URL: body over {MAX_URL_BODY_BYTES} bytes")
+        try:
+            signed = response.json().get("url")
+            parsed = httpx.URL(signed)
+        except (ValueError, AttributeError, TypeError, httpx.InvalidURL):
+            raise ApigeeUnavailable('GET signed URL: the body is not {"url": "..."}') from None
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ApigeeUnavailable("GET signed URL: not an absolute http(s) URL")
+        return parsed
+
+    def _authorization(self) -> str:
+        assert self._authorizer is not None
+        return self._authorizer.authorization()
+
+    async def _send(
+        self, org: str, env: str, method: str, url: str | httpx.URL, **kwargs: Any
+    ) -> httpx.Response:
+        """One timed request; transport errors and the transient statuses raise ``ApigeeUnavailable``."""
+        started = time.perf_counter()
+        code = "error"
+        try:
+            response = await self._http.request(method, url, **kwargs)
+            code = str(response.status_code)
+        except httpx.HTTPError as exc:
+            raise ApigeeUnavailable(f"{method} {API}: {type(exc).__name__}") from exc
+        finally:
+            elapsed = time.perf_counter() - started
+            self._metrics.apigee_requests.labels(org, env, API, code, method).observe(elapsed)
+        status = response.status_code
+        if status >= 500 or status in (408, 429):
+            raise ApigeeUnavailable(f"{method} {API}: HTTP {status}", retry_after(response))
+        return response
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
