@@ -1,0 +1,645 @@
+"""Buffer: this replica's analytics records, durable on disk from a flush until the uploader confirms them.
+
+Layout under ``{temp_dir}/analytics/`` (directories 0700, files 0600), one directory per tenant ``org~env``
+as in the Go adapter (reference §6), so a file it left behind is picked up too::
+
+    temp/org~env/{unix}-{random}.gz                the open file, appended to every flush_interval
+    staging/org~env/{unix}-{random}-{records}.gz   closed, waiting for upload (the count: drops are counted)
+    quarantine/org~env/...                         set aside: unreadable, or refused by Apigee for good
+
+Format: one gzip member per file, what the Go adapter uploads (a reader that stops after the first member
+of a concatenation would silently lose the rest). A flush compresses its lines, ends with Z_SYNC_FLUSH (the
+deflate stream is byte-aligned, everything so far decodable) and fsyncs: a crash leaves a member without
+its trailer, which ``recover`` reads up to the last complete line. A failed write (ENOSPC) is rolled back,
+the compressor restored from a copy taken before it and the file truncated to its last good length, so the
+file stays one valid stream and the next flush tries again. Rotation writes the trailer, fsyncs, renames
+into staging and fsyncs both directories. Recovery is idempotent: a salvaged file keeps its name's stem,
+and a temp file whose stem is already staged (a crash after the rename, before the unlink) is just deleted.
+
+``put`` runs on the event loop and does no I/O. File work runs in a worker thread, one operation at a
+time, under a lock held by a shielded task, so a cancelled caller never leaves two threads on one file.
+``staged``/``done``/``quarantine`` (the uploader's side) are synchronous: an index lookup, an unlink, a
+rename. Must not import grpc, envoy or httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import zlib
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Final, Literal, TypeVar
+
+from authz.clock import Clock
+from authz.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Tenant = tuple[str, str]  # (org, env)
+T = TypeVar("T")
+
+DEFAULT_FLUSH_INTERVAL: Final = 1.0
+DEFAULT_COLLECTION_INTERVAL: Final = 120.0  # the Go adapter's analytics.collection_interval
+DEFAULT_MAX_BYTES: Final = 1 << 30
+DEFAULT_MAX_PENDING: Final = 10_000
+LEVEL: Final = 6  # gzip's default, as Go's gzip.NewWriter
+GZIP: Final = 31  # zlib wbits: a gzip header and trailer
+READ_CHUNK: Final = 1 << 18
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # an org or env; Apigee's names are narrower
+_STAGED = re.compile(r"(\d+)-([0-9a-f]{8})-(\d+)\.gz")
+_OPEN = re.compile(r"(\d+)-([0-9a-f]{8})\.gz")
+_FOREIGN = re.compile(r"(\d+)-.*\.gz")  # the Go adapter's {unix}-{uuid}.gz
+
+
+def tenant_dir(tenant: Tenant) -> str | None:
+    """The directory name ``org~env``, or None when either part could escape or confuse the layout."""
+    org, env = tenant
+    if all(_NAME.fullmatch(part) and part not in (".", "..") for part in (org, env)):
+        return f"{org}~{env}"
+    return None
+
+
+def _tenant_of(name: str) -> Tenant | None:
+    org, sep, env = name.partition("~")
+    return (org, env) if sep and tenant_dir((org, env)) == name else None
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A closed gzip NDJSON file waiting for upload."""
+
+    path: Path
+    tenant: Tenant
+    records: int
+    bytes: int
+    created: float  # epoch seconds its first flush was written (whole seconds, from its name)
+
+
+# --- file primitives (module functions so that tests inject failures and crashes here) -------------
+
+
+def _write(fd: int, data: bytes, offset: int) -> None:
+    """Write all of data at offset."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _replace(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_renamed(*directories: Path) -> None:
+    """After a rename that happened: a failed fsync only loses it on a power cut, not worth undoing."""
+    for directory in directories:
+        try:
+            _fsync_dir(directory)
+        except OSError as exc:
+            log.warning("analytics: cannot fsync %s: %s", directory, exc)
+
+
+def _create(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+
+class _Open:
+    """A tenant's open file. Used only under the buffer's lock, in its worker thread."""
+
+    __slots__ = ("tenant", "path", "created", "opened", "fd", "comp", "size", "records", "broken")
+
+    def __init__(self, tenant: Tenant, path: Path, created: float, opened: float, fd: int) -> None:
+        self.tenant, self.path, self.created, self.opened, self.fd = tenant, path, created, opened, fd
+        self.comp = zlib.compressobj(LEVEL, zlib.DEFLATED, GZIP)
+        self.size = 0
+        self.records = 0
+        self.broken = False  # a failed write could not be undone: the file is salvaged, never appended to
+
+    def append(self, data: bytes, records: int, *, last: bool = False) -> None:
+        """Compress data, write it and fsync; on OSError, undo (or mark the file broken) and re-raise."""
+        before = self.comp.copy()
+        out = self.comp.compress(data) + self.comp.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+        try:
+            _write(self.fd, out, self.size)
+            os.fsync(self.fd)
+        except OSError:
+            self.comp = before
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                self.broken = True
+            raise
+        self.size += len(out)
+        self.records += records
+
+
+def _inflate(
+    f: BinaryIO, sink: Callable[[bytes], None], limit: int | None = None
+) -> Literal["clean", "truncated", "corrupt"]:
+    """Feed sink the decompressed bytes of each gzip member of f (its first limit bytes), until the data
+    ends or is damaged."""
+    d = zlib.decompressobj(GZIP)
+    fed = False
+    left = -1 if limit is None else limit
+    while chunk := f.read(READ_CHUNK if left < 0 else min(READ_CHUNK, left)):
+        left -= len(chunk)
+        while chunk:
+            fed = True
+            try:
+                sink(d.decompress(chunk))
+            except zlib.error:  # bad header, bad deflate data, bad CRC: keep what came before
+                return "corrupt"
+            if not d.eof:
+                break
+            chunk, d, fed = d.unused_data, zlib.decompressobj(GZIP), False
+    return "truncated" if fed else "clean"
+
+
+def _recompress(src: Path, dst: Path, limit: int | None = None) -> tuple[str, int]:
+    """Write the complete lines readable from src (its first limit bytes) to a new gzip file dst,
+    fsynced: (state, lines)."""
+    comp = zlib.compressobj(LEVEL, zlib.DEFLATED, GZIP)
+    fd = _create(dst)
+    offset, records, tail = 0, 0, b""
+
+    def sink(data: bytes) -> None:
+        nonlocal offset, records, tail
+        data = tail + data
+        cut = data.rfind(b"\n") + 1
+        tail = data[cut:]
+        if cut:
+            records += data.count(b"\n", 0, cut)
+            out = comp.compress(data[:cut])
+            _write(fd, out, offset)
+            offset += len(out)
+
+    try:
+        with open(src, "rb") as f:
+            state = _inflate(f, sink, limit)
+        _write(fd, comp.flush(), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return state, records
+
+
+# --- the buffer ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Flushed:
+    tenant: Tenant
+    lines: int
+    error: str | None = None  # a drop reason
+    opened: _Open | None = None
+
+
+class Buffer:
+    def __init__(
+        self, temp_dir: str | Path, org: str, metrics: Metrics, clock: Clock, *,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        collection_interval: float = DEFAULT_COLLECTION_INTERVAL, max_bytes: int = DEFAULT_MAX_BYTES,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:  # fmt: skip
+        self.root = Path(temp_dir) / "analytics"
+        self._org = org
+        self._metrics = metrics
+        self._clock = clock
+        self._flush_interval = flush_interval
+        self._collection_interval = collection_interval
+        self._max_bytes = max_bytes
+        self._max_pending = max_pending
+        self._pending: dict[Tenant, list[bytes]] = {}
+        self._count = 0  # lines pending or being written: the memory bound
+        self._tenants: set[Tenant] = set()  # validated
+        self._open: dict[Tenant, _Open] = {}
+        self._stuck: dict[Path, int] = {}  # temp files that failed to close or rename: salvaged at rotation
+        self._staged: dict[Path, StagedFile] = {}
+        self._lock = asyncio.Lock()
+        self._stopped = asyncio.Event()
+        self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._drops: dict[str, Any] = {}
+        self._failing: set[str] = set()  # why the last flush dropped lines (logged once per run)
+
+    @property
+    def pending(self) -> int:
+        """Lines accepted by ``put`` and not yet on disk."""
+        return self._count
+
+    # --- the request path ---------------------------------------------------------------------------
+
+    def put(self, tenant: Tenant, line: bytes) -> bool:
+        """Queue one NDJSON line (a JSON record and ``\\n``) for tenant; never blocks, no I/O.
+
+        False when refused, counted in ``analytics_records_dropped``: queue_full (``max_pending`` lines
+        wait already), invalid (a tenant unfit for a directory name, not exactly one line), shutdown.
+        """
+        if self._count >= self._max_pending:
+            return self._drop("queue_full")
+        lines = self._pending.get(tenant)
+        if lines is None:
+            if self._closed:
+                return self._drop("shutdown")
+            if tenant not in self._tenants:
+                if tenant_dir(tenant) is None:
+                    return self._drop("invalid")
+                self._tenants.add(tenant)
+            lines = self._pending[tenant] = []
+        if len(line) < 2 or line.find(b"\n") != len(line) - 1:
+            return self._drop("invalid")
+        lines.append(line)
+        self._count += 1
+        return True
+
+    def _drop(self, reason: str, records: int = 1) -> Literal[False]:
+        counter = self._drops.get(reason)
+        if counter is None:
+            counter = self._drops[reason] = self._metrics.analytics_dropped.labels(self._org, reason)
+        counter.inc(records)
+        return False
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Every flush_interval: flush, stage the files older than collection_interval; until close()."""
+        while not self._stopped.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self._flush_interval)
+            if self._stopped.is_set():
+                break  # close() does the last flush
+            try:
+                await self.rotate(due_only=True)
+            except Exception:  # the loop must outlive any one bad pass
+                log.exception("analytics flush failed")
+
+    async def flush(self) -> None:
+        """Write every pending line to its tenant's open file and fsync: the lines are then accepted."""
+        await self._exclusive(self._flush)
+
+    async def rotate(self, *, due_only: bool = False) -> None:
+        """Flush, then close the open files (only those older than collection_interval when due_only)
+        and move them to staging; apply the disk cap."""
+        await self._exclusive(lambda: self._rotate(due_only))
+
+    async def close(self) -> None:
+        """Shutdown: refuse new lines, end ``run``, flush and stage every open file."""
+        self._closed = True
+        self._stopped.set()
+        await self.rotate()
+
+    async def recover(self) -> None:
+        """At start, before ``run``: index staging/, and salvage every file left in temp/ into staging
+        for its own tenant (its directory's name); a file with nothing readable goes to quarantine."""
+        await self._exclusive(self._recover)
+
+    async def _exclusive(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run op under the lock in a task of its own: cancelling the caller never stops file work half
+        way (a worker thread cannot be stopped), and the next operation waits for it."""
+
+        async def locked() -> T:
+            async with self._lock:
+                return await op()
+
+        task = asyncio.ensure_future(locked())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_failure)  # nobody awaits it any more
+            raise
+
+    async def _flush(self) -> None:
+        batches, self._pending = self._pending, {}
+        if not batches:
+            return
+        room = self._temp_bytes() < self._max_bytes
+        try:
+            results = await asyncio.to_thread(
+                self._append_batches, batches, room, self._clock.now(), self._clock.monotonic()
+            )
+        finally:
+            self._count -= sum(map(len, batches.values()))
+        failed: dict[str, int] = {}
+        for result in results:
+            if result.opened is not None:
+                self._open[result.tenant] = result.opened
+            current = self._open.get(result.tenant)
+            if current is not None and current.broken:
+                del self._open[result.tenant]
+                self._stuck[current.path] = current.size
+            if result.error is None:
+                accepted = self._metrics.analytics_records.labels(self._org, result.tenant[1], "accepted")
+                accepted.inc(result.lines)
+            else:
+                failed[result.error] = failed.get(result.error, 0) + result.lines
+                self._drop(result.error, result.lines)
+        for reason, records in failed.items():
+            if reason not in self._failing:  # the first of a run of failures
+                log.warning("analytics: %d records dropped (%s) writing to %s", records, reason, self.root)
+        if self._failing and not failed:
+            log.info("analytics: writing to %s again", self.root)
+        self._failing = set(failed)
+        await self._apply_cap()
+
+    def _append_batches(
+        self, batches: dict[Tenant, list[bytes]], room: bool, now: float, mono: float
+    ) -> list[_Flushed]:
+        """In the worker thread: append each tenant's lines to its open file (opened if need be)."""
+        results = []
+        for tenant, lines in batches.items():
+            result = _Flushed(tenant, len(lines))
+            results.append(result)
+            if not room:  # the open files alone fill the cap: nothing staged is left to delete
+                result.error = "overflow"
+                continue
+            f = self._open.get(tenant)
+            try:
+                if f is None:
+                    f = result.opened = self._new_file(tenant, now, mono)
+                f.append(b"".join(lines), len(lines))
+            except OSError as exc:
+                log.debug("analytics write for %s~%s failed: %s", *tenant, exc)
+                result.error = "disk_full"
+                if f is not None and f.broken:
+                    with contextlib.suppress(OSError):
+                        os.close(f.fd)
+        return results
+
+    def _new_file(self, tenant: Tenant, now: float, mono: float) -> _Open:
+        directory = self._dir("temp", tenant)
+        created = int(now)
+        path = directory / f"{created}-{secrets.token_hex(4)}.gz"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _fsync_dir(directory)  # the file's name must survive a power loss, as its data will
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return _Open(tenant, path, float(created), mono, fd)
+
+    def _dir(self, kind: str, tenant: Tenant) -> Path:
+        name = tenant_dir(tenant)
+        assert name is not None  # put() refused such a tenant; recovery skips such directories
+        path = self.root / kind / name
+        if not path.is_dir():
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            for level in (self.root, self.root / kind, path):
+                level.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+    async def _rotate(self, due_only: bool) -> None:
+        await self._flush()
+        mono = self._clock.monotonic()
+        closing = [
+            f for f in self._open.values() if not due_only or mono - f.opened >= self._collection_interval
+        ]
+        for f in closing:
+            del self._open[f.tenant]
+        stuck, self._stuck = self._stuck, {}
+        if closing or stuck:
+            staged, reopened, self._stuck = await asyncio.to_thread(self._stage, closing, stuck)
+            for f in reopened:
+                self._open[f.tenant] = f
+            self._add(staged)
+        await self._apply_cap()
+
+    def _stage(
+        self, closing: list[_Open], stuck: dict[Path, int]
+    ) -> tuple[list[StagedFile], list[_Open], dict[Path, int]]:
+        """In the worker thread: finish each file and rename it into staging; salvage the stuck ones
+        (their good bytes only). Returns the files staged, those still open, those still stuck."""
+        staged: list[StagedFile] = []
+        reopened: list[_Open] = []
+        failed: dict[Path, int] = {}
+        for f in closing:
+            try:
+                if f.records:
+                    f.append(b"", 0, last=True)
+            except OSError as exc:
+                log.warning("analytics: cannot close %s: %s", f.path, exc)
+                if not f.broken:
+                    reopened.append(f)  # still a good stream: appended to, and closed at the next rotation
+                    continue
+            os.close(f.fd)
+            try:
+                if f.broken:
+                    failed[f.path] = f.size
+                elif f.records:
+                    staged.append(self._publish(f))
+                else:  # every write to it failed
+                    f.path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("analytics: cannot stage %s: %s", f.path, exc)
+                failed[f.path] = f.size
+        for path, size in stuck.items():
+            try:
+                tenant = _tenant_of(path.parent.name)
+                assert tenant is not None  # a file this buffer opened
+                result = self._salvage(path, tenant, size)
+            except OSError as exc:
+                log.warning("analytics: cannot salvage %s: %s", path, exc)
+                failed[path] = size
+                continue
+            if isinstance(result, StagedFile):
+                staged.append(result)
+        return staged, reopened, failed
+
+    def _publish(self, f: _Open) -> StagedFile:
+        directory = self._dir("staging", f.tenant)
+        target = directory / f"{f.path.name[:-3]}-{f.records}.gz"
+        _replace(f.path, target)
+        _sync_renamed(directory, f.path.parent)
+        return StagedFile(target, f.tenant, f.records, f.size, f.created)
+
+    def _salvage(
+        self, src: Path, tenant: Tenant, limit: int | None = None
+    ) -> StagedFile | Literal["empty", "corrupt"]:
+        """Stage the complete lines of a file that was not closed (a crash, a failed close; its first
+        limit bytes) or that the Go adapter staged; quarantine it when nothing in it is readable."""
+        directory = self._dir("staging", tenant)
+        ours = _OPEN.fullmatch(src.name)
+        if ours:
+            stem, created = src.name[:-3], int(ours[1])
+            done = next(directory.glob(f"{stem}-*.gz"), None)
+            if done is not None:  # staged before a crash (or a failed unlink) left the source behind
+                src.unlink(missing_ok=True)
+                return _staged_file(done, tenant) or "empty"
+        else:
+            foreign = _FOREIGN.fullmatch(src.name)
+            created = int(foreign[1]) if foreign else int(src.stat().st_mtime)
+            stem = f"{created}-{secrets.token_hex(4)}"
+        tmp = directory / f"{stem}.gz.tmp"
+        state, records = _recompress(src, tmp, limit)
+        if records == 0:
+            tmp.unlink()
+            if state == "corrupt":
+                self._set_aside(src, tenant)
+                self._metrics.analytics_quarantined.labels(self._org, "corrupt").inc()
+                log.warning("analytics: %s has nothing readable: quarantined", src)
+                return "corrupt"
+            src.unlink()
+            return "empty"
+        if state == "corrupt":
+            log.warning("analytics: %s is damaged: %d records before the damage kept", src, records)
+        target = directory / f"{stem}-{records}.gz"
+        _replace(tmp, target)
+        _sync_renamed(directory)
+        src.unlink()
+        _sync_renamed(src.parent)
+        return StagedFile(target, tenant, records, _size(target), float(created))
+
+    def _set_aside(self, path: Path, tenant: Tenant) -> None:
+        _replace(path, self._dir("quarantine", tenant) / path.name)
+
+    async def _recover(self) -> None:
+        in_use = {f.path for f in self._open.values()} | set(self._stuck)
+        staged, corrupt = await asyncio.to_thread(self._scan, in_use)
+        self._add(staged)
+        log.info("analytics: %d files staged, %d quarantined after recovery", len(self._staged), corrupt)
+        await self._apply_cap()
+
+    def _scan(self, in_use: set[Path]) -> tuple[list[StagedFile], int]:
+        """In the worker thread: the staged files, salvaging the temp ones (but those this buffer has
+        open) and foreign staged ones."""
+        staged: list[StagedFile] = []
+        salvage: list[tuple[Path, Tenant]] = []
+        for path, tenant in self._files("staging"):
+            if path.name.endswith(".tmp"):
+                path.unlink()  # a salvage cut short: its source is still there
+            elif found := _staged_file(path, tenant):
+                staged.append(found)
+            else:
+                salvage.append((path, tenant))
+        salvage += [(path, tenant) for path, tenant in self._files("temp") if path not in in_use]
+        corrupt = 0
+        for path, tenant in salvage:
+            try:
+                result = self._salvage(path, tenant)
+            except OSError as exc:  # left in place for the next start
+                log.error("analytics: cannot salvage %s: %s", path, exc)
+                continue
+            if isinstance(result, StagedFile):
+                staged.append(result)
+            corrupt += result == "corrupt"
+        return staged, corrupt
+
+    def _files(self, kind: str) -> list[tuple[Path, Tenant]]:
+        found = []
+        base = self.root / kind
+        for directory in sorted(base.iterdir()) if base.is_dir() else ():
+            tenant = _tenant_of(directory.name)
+            if tenant is None or not directory.is_dir():
+                log.warning("analytics: %s is not an org~env directory: ignored", directory)
+                continue
+            found += [(path, tenant) for path in sorted(directory.iterdir()) if path.is_file()]
+        return found
+
+    # --- the uploader's side --------------------------------------------------------------------------
+
+    def staged(self) -> list[StagedFile]:
+        """The files waiting for upload, oldest first."""
+        return sorted(self._staged.values(), key=lambda f: (f.created, f.path.name))
+
+    def done(self, file: StagedFile) -> None:
+        """The upload of file was confirmed: delete it (it may be gone already, dropped by the disk cap)."""
+        file.path.unlink(missing_ok=True)  # an error leaves it listed: uploaded twice rather than lost
+        self._staged.pop(file.path, None)
+        self._gauges()
+
+    def quarantine(self, file: StagedFile, reason: str) -> None:
+        """Set file aside in quarantine/ (kept, never listed again); its records count as dropped.
+
+        The caller counts the file in ``analytics_files_quarantined`` under its reason (the uploader
+        does); the buffer counts only those it quarantines itself (``corrupt``, at recovery).
+        """
+        if file.path not in self._staged:
+            return  # dropped by the disk cap, or done
+        self._set_aside(file.path, file.tenant)
+        del self._staged[file.path]
+        self._drop("quarantined", file.records)
+        log.info("analytics: %s set aside (%s), %d records", file.path, reason, file.records)
+        self._gauges()
+
+    # --- disk cap and gauges ----------------------------------------------------------------------------
+
+    def _add(self, files: list[StagedFile]) -> None:
+        for f in files:
+            self._staged[f.path] = f
+
+    def _temp_bytes(self) -> int:
+        return sum(f.size for f in self._open.values()) + sum(self._stuck.values())
+
+    async def _apply_cap(self) -> None:
+        """Delete the oldest staged files until temp and staging fit in max_bytes (never an open file)."""
+        excess = self._temp_bytes() + sum(f.bytes for f in self._staged.values()) - self._max_bytes
+        victims = []
+        for f in _until(self.staged() if excess > 0 else [], excess):
+            victims.append(f)
+            del self._staged[f.path]
+        if victims:
+            await asyncio.to_thread(_unlink_all, [f.path for f in victims])
+            records = sum(f.records for f in victims)
+            self._drop("overflow", records)
+            log.warning(
+                "analytics: disk cap of %d bytes reached: deleted the %d oldest staged files (%d records)",
+                self._max_bytes, len(victims), records,
+            )  # fmt: skip
+        self._gauges()
+
+    def _gauges(self) -> None:
+        org = self._org
+        files = self._staged.values()
+        self._metrics.analytics_staged_files.labels(org).set(len(files))
+        self._metrics.analytics_staged_bytes.labels(org).set(self._temp_bytes() + sum(f.bytes for f in files))
+        oldest = min((f.created for f in files), default=None)
+        age = 0.0 if oldest is None else max(self._clock.now() - oldest, 0.0)
+        self._metrics.analytics_oldest_staged.labels(org).set(age)
+
+
+def _staged_file(path: Path, tenant: Tenant) -> StagedFile | None:
+    """A file this buffer staged, described by its name; None for another name."""
+    ours = _STAGED.fullmatch(path.name)
+    return StagedFile(path, tenant, int(ours[3]), _size(path), float(ours[1])) if ours else None
+
+
+def _until(files: list[StagedFile], excess: int) -> Iterator[StagedFile]:
+    for f in files:
+        if excess <= 0:
+            return
+        yield f
+        excess -= f.bytes
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("analytics file operation failed", exc_info=exc)
