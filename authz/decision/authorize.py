@@ -205,15 +205,25 @@ def _remove_query(attrs: RequestAttrs, policy: Policy) -> tuple[str, ...]:
     return (policy.api_key_header,) if _query_keys(attrs.query, policy.api_key_header) else ()
 
 
-def _deny(reason: DenyReason, attrs: RequestAttrs, policy: Policy, api: str = "", env: str = "") -> Decision:
+def _deny(
+    reason: DenyReason,
+    attrs: RequestAttrs,
+    policy: Policy,
+    api: str = "",
+    env: str = "",
+    auth: AuthContext | None = None,
+) -> Decision:
+    """A deny (``auth``: the caller, when known, for its analytics record), or under allow_unauthorized
+    a marked allow."""
     if not policy.allow_unauthorized or reason not in _POLICY_DENIES:
-        return Decision(reason=reason, api=api, environment=env)
-    metadata = md.build(policy.org, env, api, None, "")
+        return Decision(reason=reason, api=api, environment=env, auth=auth)
+    metadata = md.build(policy.org, env, api, auth, "")
     metadata[md.UNAUTHORIZED_REASON] = reason.value
     return Decision(
         reason=reason,
         api=api,
         environment=env,
+        auth=auth,
         metadata=metadata,
         headers_to_remove=_strip(attrs, policy, frozenset()),
         query_params_to_remove=_remove_query(attrs, policy),
@@ -263,7 +273,7 @@ def decide(
         caller=f"{auth.developer_email}-{auth.app_name}",
     )  # fmt: skip
     if not operations:
-        return _deny(DenyReason.NOT_AUTHORIZED, attrs, policy, api, env)
+        return _deny(DenyReason.NOT_AUTHORIZED, attrs, policy, api, env, auth)
     metadata = md.build(policy.org, env, api, auth, operations[0].product)
     metadata[md.AUTHORIZED] = "true"
     headers_to_set: tuple[tuple[str, str], ...] = ()

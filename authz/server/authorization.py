@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
@@ -19,6 +20,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from authz import logs
+from authz.analytics.record import denied, first_forwarded_for, to_json_line
 from authz.clock import Clock
 from authz.decision.authorize import decide, over_quota, requested_key
 from authz.decision.model import (
@@ -73,6 +75,12 @@ class TokenSource(Protocol):
     async def verify(self, token: str) -> Verified | DenyReason: ...
 
 
+class RecordSink(Protocol):
+    """Where analytics records go (the durable buffer): never blocks, False when it cannot take one."""
+
+    def put(self, tenant: tuple[str, str], line: bytes) -> bool: ...
+
+
 class _Allow(NamedTuple):
     response: bytes
     decision: Decision
@@ -98,6 +106,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         tokens: TokenSource | None = None,
         quotas: QuotaManager | None = None,
         quota_headers: bool = False,
+        analytics: RecordSink | None = None,
     ) -> None:
         self._catalog = catalog
         self._policy = policy
@@ -109,6 +118,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._verify_wait = verify_wait
         self._quotas = quotas
         self._quota_headers = quota_headers
+        self._analytics = analytics
         self._observers: dict[tuple[str, int], Any] = {}
         self._allows: dict[tuple[str | None, ...], _Allow] = {}
         self._allows_catalog: Catalog | None = None
@@ -158,9 +168,39 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             decision, response = _INTERNAL, codec.denied_response(DenyReason.INTERNAL_ERROR)
         try:
             self._record(decision, attrs, time.perf_counter() - started)
-        except Exception:  # metrics or logging must never change the answer
+            if self._analytics is not None and not decision.allowed and attrs is not None:
+                self._deny_record(decision, attrs, request)
+        except Exception:  # metrics, logs or analytics must never change the answer
             log.exception("recording the Check outcome failed")
         return response
+
+    def _deny_record(self, decision: Decision, attrs: Any, request: Any) -> None:
+        """The analytics record of a deny (Envoy's access log carries no ext_authz metadata for it).
+        Only for a request that named an API in a known environment, as in the Go adapter."""
+        assert self._analytics is not None and decision.reason is not None
+        env = decision.environment or ("" if self._policy.multi_tenant else self._policy.env)
+        if not decision.api or not env:
+            return
+        auth = decision.auth
+        client_ip = first_forwarded_for(attrs.headers.get("x-forwarded-for", "")) or codec.source_ip(request)
+        record = denied(
+            flow_id=str(uuid.uuid4()),
+            org=self._policy.org,
+            env=env,
+            api=decision.api,
+            request_ms=codec.request_time_ms(request) or int(self._clock.now() * 1000),
+            method=attrs.method,
+            path=codec.request_uri(request),
+            user_agent=attrs.headers.get("user-agent", ""),
+            client_ip=client_ip,
+            status=codec.http_status(decision.reason),
+            developer_email=auth.developer_email if auth is not None else "",
+            app=auth.app_name if auth is not None else "",
+            client_id=auth.client_id if auth is not None else "",
+            api_product=decision.operations[0].product if decision.operations else "",
+        )
+        self._metrics.analytics_records.labels(self._policy.org, env, "received").inc()
+        self._analytics.put((self._policy.org, env), to_json_line(record))
 
     def _quota_answer(
         self, decision: Decision, response: bytes, charged: QuotaResult, now: float

@@ -197,6 +197,24 @@ def check_response(decision: Decision) -> Any:
     return response
 
 
+def request_time_ms(request: Any) -> int:
+    """When Envoy received the request (``attributes.request.time``), epoch ms; 0 when absent."""
+    stamp = request.attributes.request.time
+    return int(stamp.seconds * 1000 + stamp.nanos // 1_000_000)
+
+
+def request_uri(request: Any) -> str:
+    """The request's path with its query string, as Envoy sent it."""
+    path: str = request.attributes.request.http.path
+    return path
+
+
+def source_ip(request: Any) -> str:
+    """The downstream peer's address (the client, or the last proxy before Envoy)."""
+    address: str = request.attributes.source.address.socket_address.address
+    return address
+
+
 def rate_limit_headers(limit: int, remaining: int, reset: float, now: float) -> list[tuple[str, str]]:
     """``ratelimit-limit``, ``ratelimit-remaining`` and ``ratelimit-reset`` (whole seconds until the
     window ends, at least 1)."""

@@ -184,3 +184,13 @@ def test_allow_unauthorized_never_covers_our_own_failures(catalog, policy, reaso
     decision = decide(request, catalog, policy, NOW)
     assert not decision.allowed
     assert decision.reason is reason
+
+
+def test_a_known_caller_without_a_grant_is_named_in_the_deny_and_in_the_fail_open_metadata():
+    denied = decide(attrs(path="/v2"), CATALOG, POLICY, NOW)
+    assert denied.reason is DenyReason.NOT_AUTHORIZED
+    assert denied.auth is not None and denied.auth.app_name == "app"  # for the deny's analytics record
+    passed = decide(attrs(path="/v2"), CATALOG, dataclasses.replace(POLICY, allow_unauthorized=True), NOW)
+    assert passed.metadata[md.APPLICATION] == "app"  # the Go adapter keeps the caller's context
+    assert md.AUTHORIZED not in passed.metadata
+    assert decide(attrs(key=None), CATALOG, POLICY, NOW).auth is None
