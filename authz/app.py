@@ -15,10 +15,15 @@ import os
 import signal
 import ssl
 from collections.abc import Callable
+from typing import Any, Literal
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from authz.analytics.buffer import Buffer
+from authz.analytics.uploader import Uploader
+from authz.apigee.analytics import AnalyticsClient
 from authz.apigee.catalog import ApigeeCatalog
 from authz.apigee.client import ApigeeClient, new_http_client
 from authz.apigee.jwks import RemoteTokenKeys
@@ -35,6 +40,7 @@ from authz.jwt.validate import Rules
 from authz.jwt.verifier import BearerTokens, Provider
 from authz.metrics import Metrics, new_metrics
 from authz.quota.manager import QuotaManager
+from authz.server.accesslog import AccessLogServicer
 from authz.server.authorization import AuthorizationServicer, add_to_server
 from authz.server.health import Health
 from authz.server.http import HttpEndpoints
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 
 READINESS_POLL = 0.5  # seconds between readiness checks (a catalog arriving after start-up)
 QUOTA_FLUSH_TIMEOUT = 5.0  # seconds to send unsynced quota weight at shutdown
+ANALYTICS_FLUSH_TIMEOUT = 5.0  # seconds for the last upload attempt of staged analytics files
 
 
 def policy_from(config: Config) -> Policy:
@@ -121,6 +128,63 @@ class _Tokens:
     async def close(self) -> None:
         await asyncio.gather(*(cache.close() for cache in self.caches))
         await self.http.aclose()
+
+
+class _Analytics:
+    """Analytics records: the durable buffer under ``global.temp_dir``, the access-log servicer that fills
+    it, and in Apigee mode the uploader that empties it. Standalone, the staged gzip NDJSON files stay on
+    disk (rotated every ``analytics.collection_interval``, oldest dropped past the disk cap)."""
+
+    def __init__(self, config: Config, metrics: Metrics, clock: Clock, apigee: _Apigee | None) -> None:
+        org = config.tenant.org_name
+        self.buffer = Buffer(
+            config.global_.temp_dir,
+            org,
+            metrics,
+            clock,
+            collection_interval=config.analytics.collection_interval,
+        )
+        self.servicer = AccessLogServicer(
+            self.buffer, metrics, org, clock, config.global_.keep_alive_max_connection_age
+        )
+        self.uploader: Uploader[Any] | None = None
+        client = _analytics_client(config, metrics, apigee, clock)
+        if client is not None:
+            self.uploader = Uploader(self.buffer, client, org, metrics, clock)
+
+    async def start(self) -> list[asyncio.Task[None]]:
+        await self.buffer.recover()  # files a crash left behind, each for its own org and env
+        tasks = [asyncio.create_task(self.buffer.run(), name="analytics-buffer")]
+        if self.uploader is not None:
+            tasks.append(asyncio.create_task(self.uploader.run(), name="analytics-uploader"))
+        return tasks
+
+    async def close(self, within: float) -> None:
+        """Stage everything, then one bounded upload attempt per staged file."""
+        await self.buffer.close()
+        if self.uploader is not None:
+            await self.uploader.final_attempt(within)
+            self.uploader.stop()
+
+
+def _analytics_client(
+    config: Config, metrics: Metrics, apigee: _Apigee | None, clock: Clock
+) -> AnalyticsClient | None:
+    """Where records go in Apigee mode: ``axpublisher`` (``analytics.legacy_endpoint``), the legacy signed
+    URL (``tenant.internal_api``), or Apigee X/hybrid's ``datalocation`` (not available yet: it needs Google
+    credentials; records then stay staged)."""
+    if apigee is None:
+        return None
+    internal = config.tenant.internal_api
+    if not internal:
+        log.warning(
+            "analytics upload to apigee.googleapis.com (Google credentials) is not implemented yet: "
+            "records stay staged under %s",
+            config.global_.temp_dir,
+        )
+        return None
+    kind: Literal["legacy", "axpublisher"] = "axpublisher" if config.analytics.legacy_endpoint else "legacy"
+    return AnalyticsClient(apigee.http, kind, internal, metrics, authorizer=authorizer_from(config, clock))
 
 
 class _Apigee:
@@ -205,6 +269,7 @@ class Service:
         if config.auth.jwt_providers:
             self.jwt = _Tokens(config, self.metrics, self.clock, self.apigee)
         self.health = Health(lambda: self.current_catalog() is not None, self.metrics, self._details)
+        self.analytics = _Analytics(config, self.metrics, self.clock, self.apigee)
         self.quotas = QuotaManager(
             self.metrics,
             org,
@@ -223,6 +288,7 @@ class Service:
             tokens=self.jwt.tokens if self.jwt is not None else None,
             quotas=self.quotas,
             quota_headers=config.auth.quota_headers,
+            analytics=self.analytics.buffer,
         )
         self.grpc_port = 0
         self.http_port = 0
@@ -252,10 +318,12 @@ class Service:
         if self.jwt is not None:
             self._tasks.extend(await self.jwt.start())
         self._tasks.append(asyncio.create_task(self.quotas.run(), name="quota-sync"))
+        self._tasks.extend(await self.analytics.start())
         credentials, http_tls = _server_tls(self.config)
         server = grpc.aio.server(options=_grpc_options(self.config))
         add_to_server(self.authorization, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.analytics.servicer, server)
         target = self.config.global_.api_address.grpc_target()
         try:
             if credentials is None:
@@ -288,6 +356,7 @@ class Service:
         if self._server is not None:
             await self._server.stop(self.config.global_.graceful_shutdown_timeout)
         await self.quotas.flush(QUOTA_FLUSH_TIMEOUT)  # weight admitted but not synced yet goes to Apigee
+        await self.analytics.close(ANALYTICS_FLUSH_TIMEOUT)
         if self.local is not None:
             self.local.stop()
         if self.apigee is not None:

@@ -29,7 +29,7 @@ from devstack.envoy import REPO_ROOT, render, start_envoy, stats, wait_cluster_h
 from devstack.procs import Proc, StartupError, free_port, wait_http_ok
 
 AUTHZ_READY_TIMEOUT = 30.0  # seconds; a cold start imports grpc, protobuf and the Envoy protos
-APIGEE_TEMP_DIR = "apigee-temp"  # Apigee mode: global.temp_dir (products snapshot) under the config's dir
+APIGEE_TEMP_DIR = "apigee-temp"  # global.temp_dir (products snapshot, analytics files) under the config's dir
 ENVOY_HEALTHY_TIMEOUT = 10.0
 DEFAULT_ORG = "demo"
 DEFAULT_ENV = "test"
@@ -59,8 +59,8 @@ def write_authz_config(
     """Write an authz config YAML to ``path`` and return it.
 
     With ``catalog_path`` the service runs standalone from that catalog. With None it runs in Apigee mode:
-    ``overrides`` must give ``{"tenant": {"remote_service_api": URL}}``, and ``global.temp_dir`` (where
-    the products snapshot goes) defaults to ``<path's dir>/apigee-temp`` instead of the service's
+    ``overrides`` must give ``{"tenant": {"remote_service_api": URL}}``. ``global.temp_dir`` (the products
+    snapshot and the analytics files) defaults to ``<path's dir>/apigee-temp`` instead of the service's
     machine-wide default. ``overrides`` is deep-merged into ``{"global": {...}, "tenant": {...}}``, e.g.
     ``{"tenant": {"allow_unauthorized": True}}``.
     """
@@ -71,10 +71,10 @@ def write_authz_config(
         },
         "tenant": {"org_name": org, "env_name": env},
     }
+    # Never the machine-wide default: each stack has its own products snapshot and analytics files.
+    config["global"]["temp_dir"] = str((path.parent / APIGEE_TEMP_DIR).resolve())
     if catalog_path is not None:
         config["tenant"]["catalog_file"] = str(catalog_path.resolve())
-    else:
-        config["global"]["temp_dir"] = str((path.parent / APIGEE_TEMP_DIR).resolve())
     if overrides:
         config = deep_merge(config, overrides)
     path.parent.mkdir(parents=True, exist_ok=True)

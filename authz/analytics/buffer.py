@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal, TypeVar
 
 from authz.clock import Clock
+from authz.errors import ListenError
 from authz.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -216,6 +218,7 @@ class Buffer:
         collection_interval: float = DEFAULT_COLLECTION_INTERVAL, max_bytes: int = DEFAULT_MAX_BYTES,
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:  # fmt: skip
+        self._lock_fd: int | None = None
         self.root = Path(temp_dir) / "analytics"
         self._org = org
         self._metrics = metrics
@@ -301,12 +304,44 @@ class Buffer:
         """Shutdown: refuse new lines, end ``run``, flush and stage every open file."""
         self._closed = True
         self._stopped.set()
-        await self.rotate()
+        try:
+            await self.rotate()
+        finally:
+            self._unlock()
 
     async def recover(self) -> None:
-        """At start, before ``run``: index staging/, and salvage every file left in temp/ into staging
-        for its own tenant (its directory's name); a file with nothing readable goes to quarantine."""
+        """At start, before ``run``: take the directory (one process per temp_dir), index staging/, and
+        salvage every file left in temp/ into staging for its own tenant (its directory's name); a file
+        with nothing readable goes to quarantine.
+
+        Raises:
+            ListenError: another process (or service) holds this temp_dir.
+        """
+        self._lock_directory()
         await self._exclusive(self._recover)
+
+    def _lock_directory(self) -> None:
+        """An exclusive lock on ``{root}/.lock``: two processes salvaging each other's open files would
+        upload records twice or lose them."""
+        if self._lock_fd is not None:
+            return
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            where = self.root.parent
+            raise ListenError(
+                f"global.temp_dir {where} is in use by another authz process: give each its own"
+            ) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def _exclusive(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run op under the lock in a task of its own: cancelling the caller never stops file work half

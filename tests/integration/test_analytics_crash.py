@@ -116,6 +116,7 @@ async def recovered(root: Path) -> dict[tuple[str, str], Counter[str]]:
         ids[staged.tenant].update(r["id"] for r in records)
     assert not list((root / "analytics" / "temp").rglob("*.gz"))
     assert not (root / "analytics" / "quarantine").exists()
+    await buf.close()  # the next restart takes the directory
     return ids
 
 

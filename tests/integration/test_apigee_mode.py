@@ -5,6 +5,7 @@ a directory, so every call to the fake carries our internal JWT, which the fake 
 """
 
 import asyncio
+import shutil
 import time
 
 import grpc
@@ -183,12 +184,14 @@ async def test_slow_verify_answers_503_then_the_answer_is_cached(start, apigee):
     assert apigee.fake.calls["verifyApiKey"] == 1
 
 
-async def test_cold_start_serves_the_snapshot_until_apigee_is_back(start, apigee):
+async def test_cold_start_serves_the_snapshot_until_apigee_is_back(start, apigee, tmp_path):
     first = await start()
     assert outcome(await check(first, request())) == (200, "")
     await apigee.down()
 
-    second = await start()
+    # A restart on the same disk: the new process finds the snapshot (the running one keeps its temp_dir).
+    shutil.copytree(tmp_path / "tmp" / "products", tmp_path / "restarted" / "products")
+    second = await start(temp_dir="restarted")
     assert await readyz(second) == (
         200,
         {"catalog_loaded": True, "not_draining": True, "catalog_source": "snapshot"},

@@ -116,9 +116,9 @@ async def test_port_in_use_fails_start_with_a_clear_error(service, tmp_path):
     catalog = tmp_path / "catalog.yaml"
     config = tmp_path / "busy.yaml"
     config.write_text(
-        config_yaml(str(catalog)).replace(
-            'metrics_address: "127.0.0.1:0"', f'metrics_address: "127.0.0.1:{service.http_port}"'
-        )
+        config_yaml(str(catalog))
+        .replace('metrics_address: "127.0.0.1:0"', f'metrics_address: "127.0.0.1:{service.http_port}"')
+        .replace(".temp", ".temp2")  # its own temp_dir: the running service holds the first
     )
     second = Service(load_config(config))
     with pytest.raises(ListenError, match=r"cannot listen on 127.0.0.1:\d+ \(global.metrics_address\)"):

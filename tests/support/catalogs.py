@@ -51,6 +51,7 @@ global:
   api_address: "127.0.0.1:0"
   metrics_address: "127.0.0.1:0"
   graceful_shutdown_timeout: 2s
+  temp_dir: {catalog_path}.temp
 tenant:
   org_name: org
   env_name: test

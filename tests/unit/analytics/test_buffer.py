@@ -21,6 +21,7 @@ import pytest
 
 from authz.analytics import buffer
 from authz.analytics.buffer import Buffer, StagedFile, Tenant
+from authz.errors import ListenError
 from authz.metrics import Metrics, new_metrics
 from tests.support.clock import FakeClock
 
@@ -558,6 +559,7 @@ async def test_recovery_is_idempotent_across_a_crash_inside_it(tmp_path, clock):
     (staged,) = buf.staged()
     leave(tmp_path, PROD, data)  # as if the process died after the rename, before deleting the source
     leave(tmp_path, PROD, b"partial", name=f"{source.name}.tmp", kind="staging")  # and a salvage cut short
+    buf._unlock()  # the process "died": the OS releases its lock
 
     again = Buffer(tmp_path, "org", new_metrics(), clock)
     await again.recover()
@@ -599,3 +601,14 @@ async def test_recovery_then_the_disk_cap(tmp_path, clock, metrics):
     await buf.recover()
     assert [f.path.name for f in buf.staged()] == ["1799999001-00000001-10.gz", "1799999002-00000002-10.gz"]
     assert dropped(metrics, "overflow") == 10
+
+
+async def test_one_process_per_temp_dir(tmp_path, clock):
+    first = Buffer(tmp_path, "org", new_metrics(), clock)
+    await first.recover()
+    second = Buffer(tmp_path, "org", new_metrics(), clock)
+    with pytest.raises(ListenError, match="is in use by another authz process"):
+        await second.recover()
+    await first.close()
+    await second.recover()  # free again
+    await second.close()
