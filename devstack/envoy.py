@@ -29,7 +29,16 @@ DEFAULT_VARS: dict[str, str] = {
     "UPSTREAM_HOST": "127.0.0.1",
     "EXT_AUTHZ_TIMEOUT": "1s",  # the Go adapter samples; above auth.api_key_verify_wait (800ms)
     "HEALTH_INTERVAL": "1s",
+    "ACCESS_LOG": "[]",  # bench.yaml: no access logger unless a case asks for one
 }
+
+# bench.yaml's ACCESS_LOG for the cases that stream Envoy's access log to authz (as envoy/sidecar.yaml does)
+GRPC_ACCESS_LOG = (
+    '[{name: envoy.access_loggers.http_grpc, typed_config: {"@type": '
+    '"type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig", '
+    "common_config: {log_name: apigee-remote-service-envoy, transport_api_version: V3, "
+    "grpc_service: {envoy_grpc: {cluster_name: authz}}, buffer_flush_interval: 1s}}}]"
+)
 
 
 def envoy_binary() -> str:

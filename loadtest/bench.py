@@ -56,7 +56,7 @@ from typing import Any
 import yaml
 
 from devstack.apigee import FakeKey, apigee_overrides, start_fake_apigee, write_policy_secret
-from devstack.envoy import envoy_binary, render, start_envoy, stats, wait_cluster_healthy
+from devstack.envoy import GRPC_ACCESS_LOG, envoy_binary, render, start_envoy, stats, wait_cluster_healthy
 from devstack.procs import Proc, StartupError, free_port, http_get, wait_port_open
 from devstack.stack import start_authz, write_authz_config
 from loadtest.jwt_issuer import Issuer, provider_overrides, serve_jwks, write_lines
@@ -84,6 +84,7 @@ CASES = {
     "f": "(f) Envoy + ext_authz -> authz, unique JWTs",
     "g": "(g) Envoy + ext_authz -> authz, quota",
     "h": "(h) Envoy + ext_authz -> authz, Apigee, quota",
+    "i": "(i) Envoy + ext_authz -> authz + access log",
 }
 BENCH_QUOTA = 1_000_000_000  # per minute, cases (g) and (h): charged on every request, never reached
 
@@ -235,6 +236,7 @@ def measure(
     server: Proc | None = None,
     load: Load = API_KEY_LOAD,
     jwt_valid: Callable[[], float] | None = None,
+    access_log: bool = False,
 ) -> Result:
     """Warm up, then one measured wrk run; validate it against Envoy's counters. ``jwt_valid`` reads the
     service's count of valid JWT verifications, before and after the measured run."""
@@ -337,6 +339,24 @@ def case_authz(
     result = through_ext_authz(case, api_port, server, opts, stack)
     if quota is not None:
         check_quota_charged(result, metrics_port)
+    return result
+
+
+def case_access_log(opts: Options, stack: contextlib.ExitStack) -> Result:
+    """(c) with Envoy's access log streamed to authz: every request also becomes an analytics record."""
+    api_port, metrics_port = free_port(), free_port()
+    config = write_authz_config(
+        opts.log_dir / "i-authz.yaml",
+        catalog_path=write_catalog(opts, "i"),
+        api_port=api_port,
+        metrics_port=metrics_port,
+    )
+    server = start_authz(config, metrics_port, opts.log_dir, name="i-authz", cpu_list=cpu(opts, 1))
+    stack.callback(server.stop)
+    result = through_ext_authz("i", api_port, server, opts, stack, access_log=True)
+    received = metric_sum(metrics_port, "analytics_records_total", 'status="received"')
+    if result.error is None and received < result.requests:
+        result.error = f"{received:.0f} analytics records for {result.requests} measured requests"
     return result
 
 
@@ -503,6 +523,7 @@ def through_ext_authz(
     before: Callable[[int], None] | None = None,
     load: Load = API_KEY_LOAD,
     jwt_valid: Callable[[], float] | None = None,
+    access_log: bool = False,
 ) -> Result:
     """Envoy (``bench.yaml``) in front of the ext_authz server on ``api_port``; ``before(listen_port)`` runs
     once Envoy sees the server healthy, ahead of the warm-up. ``load`` and ``jwt_valid`` go to measure()."""
@@ -516,6 +537,7 @@ def through_ext_authz(
         ADMIN_PORT=admin,
         AUTHZ_PORT=api_port,
         EXT_AUTHZ_TIMEOUT=opts.ext_authz_timeout,
+        ACCESS_LOG=GRPC_ACCESS_LOG if access_log else "[]",
     )
     envoy = start_envoy(config, admin, opts.log_dir, name=f"{case}-envoy", cpu_list=cpu(opts, 0))
     stack.callback(envoy.stop)
@@ -538,6 +560,7 @@ RUNNERS: dict[str, Callable[[Options, contextlib.ExitStack], Result]] = {
     "f": case_jwt_unique,
     "g": case_quota,
     "h": case_apigee_quota,
+    "i": case_access_log,
 }
 
 
@@ -605,6 +628,7 @@ def report(results: list[Result], opts: Options) -> None:
         ("f", "a new bearer token each request", TARGET_UNIQUE_JWT_OVER_NOOP),
         ("g", "standalone, a quota charged on every request", TARGET_OVER_NOOP),
         ("h", "Apigee mode, a quota charged on every request", TARGET_OVER_NOOP),
+        ("i", "standalone, access log streamed to authz", TARGET_OVER_NOOP),
     )
     for case, what, target in targets:
         over_b = ratio(by_case, case, "b")
