@@ -36,7 +36,7 @@ from devstack.apigee import (
     write_policy_secret,
 )
 from devstack.procs import Proc, StartupError, free_port, port_is_free
-from devstack.stack import Stack, start_stack
+from devstack.stack import APIGEE_TEMP_DIR, Stack, start_stack
 from devstack.upstream import EchoUpstream
 
 # A public demo credential, valid only against devstack/demo/catalog.yaml (which holds its SHA-256) and
@@ -98,6 +98,7 @@ authz demo stack is up ({mode}; org demo, env test, API {DEMO_API!r} set by the 
   authz metrics    {stack.metrics_url}/metrics   (/readyz /livez /healthz)
   echo upstream    {upstream.url}{apigee}
   logs and configs {work_dir}
+  analytics        {work_dir}/{APIGEE_TEMP_DIR}/analytics/staging (gzip NDJSON, staged every 2 min)
 
 Try:
   # no key: 401
