@@ -15,8 +15,10 @@ Failures, per file, never fatal to the loop:
   of one per staged file;
 * permanent (``ApigeeRejected``: 4xx other than 408/429, a PUT answered other than 200): retried with the
   same backoff, and at the ``PERMANENT_ATTEMPTS``-th (3rd) the file is quarantined (``source.quarantine(file,
-  "permanent_error")``), so one stray 403 from a signed URL is not fatal but bad credentials do not loop
-  forever; an ``axpublisher`` file that is not gzip NDJSON objects is quarantined at once as ``"corrupt"``;
+  "permanent_error")``), so one stray 403 from a signed URL is not fatal; an ``axpublisher`` file that is
+  not gzip NDJSON objects is quarantined at once as ``"corrupt"``;
+* refused credentials (401/403 on our own authenticated call, raised by the client as transient with a
+  5-minute ``Retry-After``): every upload pauses, nothing is quarantined, since the files are fine;
 * gone (``FileNotFoundError``: the buffer dropped it by its overflow policy): forgotten.
 
 Metrics: ``analytics_uploads{org,env,result=ok|transient_error|permanent_error}`` per attempt and

@@ -17,9 +17,11 @@ Three kinds, fixed at construction:
 Every call is timed in ``apigee_requests_seconds{org,env,api="analytics",code,method}`` under the file's
 own tenant. Errors follow the tree in ``authz.errors``: transport errors, timeouts, 5xx, 408 and 429 raise
 ``ApigeeUnavailable`` (with Apigee's ``Retry-After``); any other answer that is not the one expected (a
-4xx, a redirect, a PUT answered with anything but exactly 200) raises ``ApigeeRejected(status)``; a 200
-without a usable ``{"url": ...}`` raises ``ApigeeUnavailable``. Nothing here retries or deletes files: the
-uploader (``authz.analytics.uploader``) owns that.
+4xx, a redirect, a PUT answered with anything but exactly 200) raises ``ApigeeRejected(status)``, except
+401/403 on our own authenticated call (the signed-URL GET, the axpublisher POST): refused credentials are
+not the file's fault, so they raise ``ApigeeUnavailable`` with a 5-minute ``retry_after`` and uploads pause;
+a 200 without a usable ``{"url": ...}`` raises ``ApigeeUnavailable``. Nothing here retries or deletes
+files: the uploader (``authz.analytics.uploader``) owns that.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class AnalyticsClient:
         headers = {"Content-Type": "application/json", "Authorization": self._authorization()}
         content = json.dumps(body, separators=(",", ":")).encode()
         response = await self._send(org, env, "POST", url, content=content, headers=headers)
+        _check_credentials(response.status_code, "POST axpublisher")
         if response.status_code != 200:
             raise ApigeeRejected(response.status_code, f"POST axpublisher: HTTP {response.status_code}")
         try:
@@ -162,6 +165,7 @@ class AnalyticsClient:
             headers = {"Authorization": self._authorization(), "Accept": "application/json"}
         response = await self._send(org, env, "GET", url, params=params, headers=headers)
         status = response.status_code
+        _check_credentials(status, "GET signed URL")
         if status != 200:
             raise ApigeeRejected(status, f"GET signed URL: HTTP {status}")
         if len(response.content) > MAX_URL_BODY_BYTES:
@@ -201,3 +205,14 @@ class AnalyticsClient:
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port
+
+
+CREDENTIALS_PAUSE = 300.0  # seconds: uploads wait this long after Apigee refused our credentials
+
+
+def _check_credentials(status: int, call: str) -> None:
+    """401/403 from our own authenticated call is about the credentials, not the file: pause uploads
+    (transient, with a long wait) instead of quarantining every staged file."""
+    if status in (401, 403):
+        problem = f"{call}: HTTP {status}: credentials refused, uploads paused"
+        raise ApigeeUnavailable(problem, CREDENTIALS_PAUSE)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from authz.analytics.uploader import BACKOFF_MAX, PERMANENT_ATTEMPTS, Uploader
-from authz.apigee.analytics import AnalyticsClient
+from authz.apigee.analytics import CREDENTIALS_PAUSE, AnalyticsClient
 from authz.apigee.signer import BasicAuthorizer
 from authz.metrics import new_metrics
 from tests.fakes.apigee import FakeApigee
@@ -306,16 +306,19 @@ async def test_one_stray_403_is_not_fatal(fake, source, http, metrics, clock):
     assert source.quarantined == []
 
 
-async def test_bad_credentials_quarantine_instead_of_looping(source, metrics, clock):
+async def test_refused_credentials_pause_uploads_instead_of_quarantining(source, metrics, clock):
     fake = FakeApigee(basic_auth=("k", "other-secret"))
-    file = source.add("org", "test", 1)
+    files = [source.add("org", "test", 1), source.add("org", "test", 1)]
     async with httpx.AsyncClient(transport=fake.transport()) as http:
         uploader = make(source, http, metrics, clock)
-        for _ in range(PERMANENT_ATTEMPTS):
+        for _ in range(PERMANENT_ATTEMPTS + 1):
             await uploader.drain()
-            clock.advance(BACKOFF_MAX)
-    assert source.quarantined == [(file, "permanent_error")]
-    assert fake.calls["analytics_url"] == PERMANENT_ATTEMPTS
+            clock.advance(BACKOFF_MAX)  # less than the credentials pause: nothing is tried again
+        assert fake.calls["analytics_url"] == 2  # one refused pass (two workers) holds every file
+        assert source.quarantined == [] and source.files == files  # nothing set aside: the files are fine
+        clock.advance(CREDENTIALS_PAUSE)
+        await uploader.drain()
+    assert fake.calls["analytics_url"] == 4  # tried again once the pause is over
 
 
 async def test_a_put_answered_other_than_200_is_not_confirmed(fake, source, http, metrics, clock):

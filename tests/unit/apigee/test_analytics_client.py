@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from authz.apigee.analytics import AnalyticsClient
+from authz.apigee.analytics import CREDENTIALS_PAUSE, AnalyticsClient
 from authz.apigee.signer import BasicAuthorizer
 from authz.errors import ApigeeRejected, ApigeeUnavailable
 from authz.metrics import new_metrics
@@ -145,14 +145,14 @@ async def test_gcp_upload(metrics, tmp_path):
     assert timed(metrics, "GET", "200", env="prod") == 1 and timed(metrics, "PUT", "200", env="prod") == 1
 
 
-async def test_gcp_bad_token_is_rejected(metrics, tmp_path):
+async def test_gcp_bad_token_pauses_uploads(metrics, tmp_path):
     fake = FakeApigee(google_token="the-right-one")
     async with httpx.AsyncClient(transport=fake.transport()) as http:
         client = AnalyticsClient(http, "gcp", GOOGLE, metrics, token=Tokens())
         path = write_gz(tmp_path / "f.gz", RECORDS)
-        with pytest.raises(ApigeeRejected) as caught:
+        with pytest.raises(ApigeeUnavailable, match="HTTP 401: credentials refused") as caught:
             await client.upload("org", "test", path, client.relative_name("org", "test", path, 1e9))
-    assert caught.value.status == 401
+    assert caught.value.retry_after == CREDENTIALS_PAUSE  # not the file's fault: nothing is quarantined
     assert fake.calls["signed_put"] == 0
 
 
@@ -169,7 +169,7 @@ async def test_transient_statuses_are_unavailable(http, fake, metrics, tmp_path,
     assert fake.analytics_records("org", "test") == []
 
 
-@pytest.mark.parametrize("endpoint,status", [("analytics_url", 401), ("analytics_url", 404),
+@pytest.mark.parametrize("endpoint,status", [("analytics_url", 404), ("analytics_url", 400),
                                              ("signed_put", 403), ("signed_put", 400),
                                              ("signed_put", 201), ("signed_put", 302)])  # fmt: skip
 async def test_other_statuses_are_rejected(http, fake, metrics, tmp_path, endpoint, status):
@@ -180,12 +180,15 @@ async def test_other_statuses_are_rejected(http, fake, metrics, tmp_path, endpoi
     assert timed(metrics, "GET" if endpoint == "analytics_url" else "PUT", str(status)) == 1
 
 
-async def test_bad_credentials_are_rejected(fake, metrics, tmp_path):
+@pytest.mark.parametrize("status", [401, 403])
+async def test_refused_credentials_pause_uploads(fake, metrics, tmp_path, status):
     async with httpx.AsyncClient(transport=fake.transport()) as http:
         client = AnalyticsClient(http, "legacy", IA, metrics, authorizer=BasicAuthorizer("k", "wrong"))
-        with pytest.raises(ApigeeRejected) as caught:
+        if status == 403:
+            fake.fail_next("analytics_url", 403)
+        with pytest.raises(ApigeeUnavailable, match=f"HTTP {status}: credentials refused") as caught:
             await client.upload("org", "test", write_gz(tmp_path / "f.gz", RECORDS), LEGACY_NAME)
-    assert caught.value.status == 401
+    assert caught.value.retry_after == CREDENTIALS_PAUSE
 
 
 async def test_a_used_signed_url_is_rejected(http, fake, metrics, tmp_path):
