@@ -25,7 +25,8 @@ from authz.analytics.buffer import Buffer
 from authz.analytics.uploader import Uploader
 from authz.apigee.analytics import AnalyticsClient
 from authz.apigee.catalog import ApigeeCatalog
-from authz.apigee.client import ApigeeClient, new_http_client
+from authz.apigee.client import ApigeeClient, new_google_http_client, new_http_client
+from authz.apigee.google_token import GoogleTokens, service_account_credentials
 from authz.apigee.jwks import RemoteTokenKeys
 from authz.apigee.keys import ApiKeyCache
 from authz.apigee.signer import Authorizer, BasicAuthorizer, InternalJWTAuthorizer
@@ -132,8 +133,9 @@ class _Tokens:
 
 class _Analytics:
     """Analytics records: the durable buffer under ``global.temp_dir``, the access-log servicer that fills
-    it, and in Apigee mode the uploader that empties it. Standalone, the staged gzip NDJSON files stay on
-    disk (rotated every ``analytics.collection_interval``, oldest dropped past the disk cap)."""
+    it, and in Apigee mode the uploader that empties it. Standalone, or on Apigee X/hybrid without Google
+    credentials, the staged gzip NDJSON files stay on disk (rotated every ``analytics.collection_interval``,
+    oldest dropped past the disk cap)."""
 
     def __init__(self, config: Config, metrics: Metrics, clock: Clock, apigee: _Apigee | None) -> None:
         org = config.tenant.org_name
@@ -148,13 +150,25 @@ class _Analytics:
             self.buffer, metrics, org, clock, config.global_.keep_alive_max_connection_age
         )
         self.uploader: Uploader[Any] | None = None
-        client = _analytics_client(config, metrics, apigee, clock)
+        self.google: GoogleTokens | None = None
+        if apigee is not None and config.tenant.gcp_managed:
+            self.google = google_tokens_from(config, clock)
+        client = _analytics_client(config, metrics, apigee, clock, self.google)
         if client is not None:
             self.uploader = Uploader(self.buffer, client, org, metrics, clock)
+        self._config = config
 
     async def start(self) -> list[asyncio.Task[None]]:
         await self.buffer.recover()  # files a crash left behind, each for its own org and env
         tasks = [asyncio.create_task(self.buffer.run(), name="analytics-buffer")]
+        if self.google is not None and not await self.google.load():  # ADC: a worker thread
+            log.warning(
+                "analytics upload to %s needs Google credentials and there are none (no analytics Secret "
+                "client_secret.json, no Application Default Credentials): records stay staged under %s",
+                self._config.tenant.management_api,
+                self._config.global_.temp_dir,
+            )
+            self.uploader = None
         if self.uploader is not None:
             tasks.append(asyncio.create_task(self.uploader.run(), name="analytics-uploader"))
         return tasks
@@ -165,34 +179,50 @@ class _Analytics:
         if self.uploader is not None:
             await self.uploader.final_attempt(within)
             self.uploader.stop()
+        if self.google is not None:
+            self.google.close()
+
+
+def google_tokens_from(config: Config, clock: Clock) -> GoogleTokens:
+    """The Google credentials of Apigee X/hybrid analytics: the analytics Secret's service account, else
+    Application Default Credentials (searched at start). A Secret google-auth cannot use fails start-up."""
+    if config.analytics_secret_json is None:
+        return GoogleTokens(clock, timeout=config.tenant.client_timeout)
+    try:
+        credentials = service_account_credentials(config.analytics_secret_json)
+    except ValueError as exc:
+        raise ConfigError(config.path, "analytics_secret", f"client_secret.json: {exc}") from None
+    email = getattr(credentials, "service_account_email", None) or type(credentials).__name__
+    log.info("Google credentials for analytics: service account %s", email)
+    return GoogleTokens(clock, credentials, timeout=config.tenant.client_timeout)
 
 
 def _analytics_client(
-    config: Config, metrics: Metrics, apigee: _Apigee | None, clock: Clock
+    config: Config, metrics: Metrics, apigee: _Apigee | None, clock: Clock, google: GoogleTokens | None
 ) -> AnalyticsClient | None:
     """Where records go in Apigee mode: ``axpublisher`` (``analytics.legacy_endpoint``), the legacy signed
-    URL (``tenant.internal_api``), or Apigee X/hybrid's ``datalocation`` (not available yet: it needs Google
-    credentials; records then stay staged)."""
+    URL (``tenant.internal_api``), or Apigee X/hybrid's ``datalocation`` on ``tenant.management_api`` with
+    a Google token (``google``)."""
     if apigee is None:
         return None
     internal = config.tenant.internal_api
     if not internal:
-        log.warning(
-            "analytics upload to apigee.googleapis.com (Google credentials) is not implemented yet: "
-            "records stay staged under %s",
-            config.global_.temp_dir,
-        )
-        return None
+        assert google is not None and apigee.google_http is not None
+        base = config.tenant.management_api
+        return AnalyticsClient(apigee.google_http, "gcp", base, metrics, token=google)
     kind: Literal["legacy", "axpublisher"] = "axpublisher" if config.analytics.legacy_endpoint else "legacy"
     return AnalyticsClient(apigee.http, kind, internal, metrics, authorizer=authorizer_from(config, clock))
 
 
 class _Apigee:
-    """The Apigee control plane of one service: HTTP client, product poller, JWKS and key cache."""
+    """The Apigee control plane of one service: HTTP clients, product poller, JWKS and key cache."""
 
     def __init__(self, config: Config, metrics: Metrics, clock: Clock) -> None:
         tenant, org = config.tenant, config.tenant.org_name
         self.http = new_http_client(tenant)
+        # Apigee X/hybrid analytics go to Google's public endpoints, with their own TLS (not tenant.tls).
+        timeout = tenant.client_timeout
+        self.google_http = new_google_http_client(timeout) if tenant.gcp_managed else None
         self.client = client = ApigeeClient(
             self.http,
             tenant.remote_service_api,
@@ -223,6 +253,8 @@ class _Apigee:
     async def close(self) -> None:
         await self.keys.close()
         await self.http.aclose()
+        if self.google_http is not None:
+            await self.google_http.aclose()
 
 
 def _grpc_options(config: Config) -> list[tuple[str, int]]:

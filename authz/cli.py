@@ -16,7 +16,12 @@ import sys
 import yaml
 
 from authz import __version__, logs
-from authz.config import DEFAULT_POLICY_SECRET_DIR, effective_config, load_config
+from authz.config import (
+    DEFAULT_ANALYTICS_SECRET_DIR,
+    DEFAULT_POLICY_SECRET_DIR,
+    effective_config,
+    load_config,
+)
 from authz.decision.authorize import key_digest
 from authz.errors import ConfigError, ListenError
 from authz.standalone.catalog_file import load_catalog
@@ -38,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
             "--policy-secret",
             default=env.get("AUTHZ_POLICY_SECRET", DEFAULT_POLICY_SECRET_DIR),
             help="directory with remote-service.key, .properties and .crt (Apigee X/hybrid)",
+        )
+        command.add_argument(
+            "-a",
+            "--analytics-secret",
+            default=env.get("AUTHZ_ANALYTICS_SECRET", DEFAULT_ANALYTICS_SECRET_DIR),
+            help="directory with client_secret.json, the analytics service account (Apigee X/hybrid; "
+            "without it, Google Application Default Credentials)",
         )
         command.add_argument("-l", "--log-level", default=env.get("AUTHZ_LOG_LEVEL", "info"),
                              choices=["debug", "info", "warning", "error"], type=str.lower)  # fmt: skip
@@ -67,8 +79,8 @@ def _keys(command: str) -> int:
     return 0
 
 
-def _check_config(path: str, policy_secret: str) -> int:
-    config = load_config(path, policy_secret)
+def _check_config(path: str, policy_secret: str, analytics_secret: str) -> int:
+    config = load_config(path, policy_secret, analytics_secret)
     if config.standalone:
         catalog = load_catalog(config.tenant.catalog_file)
         print(f"# catalog: {len(catalog.products)} products, {len(catalog.credentials)} credentials")
@@ -83,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level, args.json_log)
     try:
         if args.command == "check-config":
-            return _check_config(args.config, args.policy_secret)
+            return _check_config(args.config, args.policy_secret, args.analytics_secret)
         from authz.app import serve  # grpc is imported only to serve
 
-        return asyncio.run(serve(load_config(args.config, args.policy_secret)))
+        config = load_config(args.config, args.policy_secret, args.analytics_secret)
+        return asyncio.run(serve(config))
     except ConfigError as exc:
         print(f"authz: {exc}", file=sys.stderr)
         return 2

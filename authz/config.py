@@ -9,9 +9,10 @@ cross-field rules. Unlike the Go adapter, unknown keys are errors. Every problem
 ``ConfigError(file, dotted.key, problem)``; nothing reads the environment.
 
 Keys this service adds to the Go schema: ``global.graceful_shutdown_timeout``, ``tenant.catalog_file``,
-``tenant.catalog_poll_interval``, ``auth.api_key_verify_wait`` and ``tenant.remote_token_jwks_url``
+``tenant.catalog_poll_interval``, ``auth.api_key_verify_wait``, ``tenant.remote_token_jwks_url``
 (where the keys that sign ``/verifyApiKey`` tokens are published; derived from ``remote_service_api``
-by default). Relative file paths (the catalog and TLS files) are resolved against the config file's
+by default) and ``tenant.management_api`` (the Google API base for Apigee X/hybrid analytics, which the Go
+adapter hard-codes). Relative file paths (the catalog and TLS files) are resolved against the config file's
 directory and stored absolute.
 
 The YAML documents themselves (Kubernetes stream, Secrets) are read by ``authz.config_documents``.
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from authz.config_documents import PolicySecret, kind_name, split_documents
+from authz.config_documents import analytics_secret_dir as analytics_secret_reader
 from authz.config_documents import policy_secret_dir as policy_secret_dir_reader
 from authz.config_providers import JwtProvider, apigee_provider, parse_providers
 from authz.errors import ConfigError
@@ -65,6 +67,8 @@ MASK = "***"
 SECTIONS = ("global", "tenant", "products", "analytics", "auth")
 APIGEE_ONLY = "required in Apigee mode (when tenant.catalog_file is not set)"
 DEFAULT_POLICY_SECRET_DIR = "/policy-secret"  # noqa: S105 - a directory, as in the Go adapter
+DEFAULT_ANALYTICS_SECRET_DIR = "/analytics-secret"  # noqa: S105 - a directory, as in the Go adapter
+DEFAULT_MANAGEMENT_API = "https://apigee.googleapis.com"  # the Go adapter's fixed analytics base (GCP)
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class TenantConfig:
     catalog_file: str = ""
     catalog_poll_interval: float = DEFAULT_CATALOG_POLL_INTERVAL
     remote_token_jwks_url: str = ""  # "" until loaded: derived from remote_service_api
+    management_api: str = DEFAULT_MANAGEMENT_API  # NEW: Apigee X/hybrid analytics (datalocation) base
 
     @property
     def multi_tenant(self) -> bool:
@@ -179,11 +184,18 @@ class Config:
         return self.tenant.catalog_file != ""
 
 
-def load_config(path: str | os.PathLike[str], policy_secret_dir: str | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str],
+    policy_secret_dir: str | None = None,
+    analytics_secret_dir: str | None = None,
+) -> Config:
     """Read, parse and validate the config file at ``path``; raises ``ConfigError``.
 
     The policy secret comes from the file's Kubernetes Secret, else from ``policy_secret_dir`` (files
-    ``remote-service.key``, ``.properties``, ``.crt``), as with the Go adapter's ``--policy-secret``.
+    ``remote-service.key``, ``.properties``, ``.crt``), as with the Go adapter's ``--policy-secret``. The
+    analytics service-account JSON likewise comes from the file's analytics Secret, else from
+    ``{analytics_secret_dir}/client_secret.json`` (the Go adapter's ``--analytics-secret``; a missing file
+    is an error unless the directory is ``DEFAULT_ANALYTICS_SECRET_DIR``).
     """
     file = os.fspath(path)
     try:
@@ -196,6 +208,9 @@ def load_config(path: str | os.PathLike[str], policy_secret_dir: str | None = No
     raw, policy, analytics_json = split_documents(file, text)
     if policy is None and policy_secret_dir and os.path.isdir(policy_secret_dir):
         policy = policy_secret_dir_reader(policy_secret_dir)
+    if analytics_json is None and analytics_secret_dir:
+        required = analytics_secret_dir != DEFAULT_ANALYTICS_SECRET_DIR  # the Go adapter's rule
+        analytics_json = analytics_secret_reader(analytics_secret_dir, required)
     top = _Section(file, "", raw, SECTIONS, os.path.dirname(os.path.abspath(file)))
     config = Config(
         path=os.path.abspath(file),
@@ -236,6 +251,14 @@ def _check_apigee(file: str, config: Config) -> Config:
             "policy Secret to this file or mount remote-service.key, remote-service.properties and "
             "remote-service.crt in the --policy-secret directory (or set internal_api, key and secret for "
             "legacy Apigee SaaS or OPDK)",
+        )
+    if not tenant.gcp_managed and config.analytics_secret_json is not None:
+        raise ConfigError(
+            file,
+            "tenant.internal_api",
+            "set, so this is legacy Apigee SaaS or OPDK, whose analytics use Basic auth, but an analytics "
+            "service-account Secret (client_secret.json) is given too; it is for Apigee X or hybrid only: "
+            "remove one (the Go adapter refuses both as mutually exclusive)",
         )
     if not tenant.gcp_managed:
         for name in ("key", "secret"):
@@ -408,8 +431,8 @@ class _Section:
     def address(self, name: str, default: str) -> Address:
         return parse_address(self._raw.get(name, default), self.file, self.key(name))
 
-    def url(self, name: str) -> str:
-        value = self.text(name)
+    def url(self, name: str, default: str = "", *, required: bool = False) -> str:
+        value = self.text(name, default, required=required)
         parts = urlsplit(value)
         if value and (parts.scheme not in ("http", "https") or not parts.hostname):
             raise self.error(name, f'expected an http or https URL, got "{value}"')
@@ -467,6 +490,7 @@ def _tenant(s: _Section) -> TenantConfig:
             "catalog_poll_interval", DEFAULT_CATALOG_POLL_INTERVAL, MIN_CATALOG_POLL_INTERVAL
         ),
         remote_token_jwks_url=s.url("remote_token_jwks_url"),
+        management_api=s.url("management_api", DEFAULT_MANAGEMENT_API, required=True),
     )
 
 

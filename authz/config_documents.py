@@ -92,8 +92,8 @@ def split_documents(file: str, text: str) -> tuple[object, PolicySecret | None, 
         elif doc["kind"] == "Secret" and "policy" in name:
             policy = _policy_secret(file, where, data)
         elif doc["kind"] == "Secret" and "analytics" in name:
-            analytics = _secret_text(file, where, data, "client_secret.json")
-            _json_object(file, f"{where} data.client_secret.json", analytics)
+            analytics = _secret_text(file, where, data, ANALYTICS_ENTRY)
+            _json_object(file, f"{where} data.{ANALYTICS_ENTRY}", analytics)
     if len(configs) != 1:
         raise ConfigError(file, "", f"expected one ConfigMap with data.config.yaml, found {len(configs)}")
     key, inner = configs[0]
@@ -150,6 +150,32 @@ def policy_secret_dir(directory: str) -> PolicySecret | None:
             raise ConfigError(path, "", f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     jwks, pem, properties = texts
     return _checked_policy(directory, "", jwks, pem, properties, directory=True)
+
+
+ANALYTICS_ENTRY = "client_secret.json"
+
+
+def analytics_secret_dir(directory: str, required: bool) -> str | None:
+    """The analytics service-account JSON mounted as ``{directory}/client_secret.json`` (the Go adapter's
+    ``--analytics-secret``, default /analytics-secret).
+
+    None when the file is absent and not ``required``; a missing required file, or one that is not a JSON
+    object, is a ConfigError that names the file.
+    """
+    path = os.path.join(directory, ANALYTICS_ENTRY)
+    if not os.path.isfile(path):
+        if required:
+            raise ConfigError(
+                path, "", "not found (the --analytics-secret directory needs client_secret.json)"
+            )
+        return None
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, "", f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    _json_object(path, "", text)
+    return text
 
 
 def _checked_policy(

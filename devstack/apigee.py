@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from devstack.envoy import REPO_ROOT
 from devstack.procs import Proc, free_port, wait_port_open
@@ -107,5 +108,16 @@ def start_fake_apigee(
 
 
 def apigee_overrides(remote_service_url: str) -> dict[str, Any]:
-    """authz config overrides for Apigee mode against ``remote_service_url``."""
-    return {"tenant": {"remote_service_api": remote_service_url}}
+    """authz config overrides for Apigee mode against the fake at ``remote_service_url``.
+
+    ``tenant.management_api`` is the fake too, so analytics never go to the real apigee.googleapis.com:
+    without Google credentials (no analytics Secret here) they stay staged; with the machine's own
+    Application Default Credentials they go to the fake, which takes any bearer token.
+    """
+    parts = urlsplit(remote_service_url)
+    return {
+        "tenant": {
+            "remote_service_api": remote_service_url,
+            "management_api": f"{parts.scheme}://{parts.netloc}",
+        }
+    }

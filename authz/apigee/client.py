@@ -80,6 +80,17 @@ def new_http_client(tenant: TenantConfig) -> httpx.AsyncClient:
     )
 
 
+def new_google_http_client(timeout: float) -> httpx.AsyncClient:
+    """The HTTP client for Apigee X/hybrid analytics: Google's management API (``datalocation``) and the
+    signed Cloud Storage URL. Public Google endpoints: the system's trust roots and no client certificate,
+    not ``tenant.tls``, which is for the runtime's own (often private) CA and mTLS."""
+    return httpx.AsyncClient(
+        timeout=timeout,
+        limits=httpx.Limits(max_connections=16, max_keepalive_connections=4),
+        follow_redirects=False,
+    )
+
+
 class ApigeeClient:
     def __init__(
         self, http: httpx.AsyncClient, remote_service_api: str, authorizer: Authorizer,

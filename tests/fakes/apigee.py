@@ -15,7 +15,7 @@ legacy SaaS `https://istioservices.apigee.net/edgemicro`), so `tenant.internal_a
          &file_content_type=application%2Fx-gzip&relative_file_path=date%3D..%2Ftime%3D..-00%2F<name>
          &tenant={org}~{env}                               Basic/JWT auth like {base}  -> {"url": ...}
     GET  /v1/organizations/{org}/environments/{env}/datalocation?dataset=api&repo=edge
-         &relative_file_path={unix}.api.{org}.{env}.{uuid}.gz   Bearer (any, or `google_token`) -> {"url"}
+         &relative_file_path={unix}.api.{org}.{env}.{uuid}.gz   Google Bearer (below) -> {"url"}
     PUT  /signed/{id}?relative_file_path=..&tenant=..     the signed URL: gzip NDJSON, exactly 200
     POST {internal}/axpublisher/organization/{org}/environment/{env}
          {"organization","environment","records":[...]}    Basic/JWT auth -> {"accepted":N,"rejected":M}
@@ -27,6 +27,20 @@ else 403) and tolerates the Basic header the Go adapter keeps; a GCP (GCS) URL r
 `analytics_records(org, env)`; `uploads` lists (org, env, relative_file_path), `publishes` (org, env, count).
 A body that is not gzip NDJSON objects is a 400 (a test aid; real storage would keep the bytes).
 Fault knobs take the endpoint names `analytics_url`, `datalocation`, `signed_put` and `axpublisher`.
+
+Google OAuth2 (for Apigee X/hybrid analytics), standing for `https://oauth2.googleapis.com/token`:
+
+    POST /token   grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer&assertion=<JWT>
+                  -> {"access_token": "ya29.fake...", "expires_in": 3600, "token_type": "Bearer"}
+
+The assertion is what google-auth's service-account credentials send: RS256, signed by the private key of a
+service account the test registered with `add_service_account(client_email, public_key)` (`iss` names it),
+`scope` including cloud-platform, `aud` a token URL (google-auth always puts Google's own there), `iat`/`exp`
+at most an hour apart around the fake's clock (5 min leeway; google-auth reads the wall clock). Errors are
+Google's 400 `{"error": "invalid_grant" | "invalid_scope" | ..., "error_description": ...}`. Issued tokens
+(`google_tokens_issued`) live `google_token_ttl` seconds. `datalocation` accepts exactly the issued tokens
+that have not expired and `google_token` if set; with neither a `google_token` nor a registered service
+account it takes any Bearer token. Fault knob: `oauth_token`.
 Not covered: `{base}/version`, `{base}/rotate`, `Expect: 100-continue`; over loopback, bodies over 1 MiB get
 413 (http_server.MAX_BODY).
 
@@ -59,6 +73,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import httpx
 import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
@@ -67,7 +82,7 @@ from tests.fakes.http_server import ConnectionDropped, LoopbackServer
 ENDPOINTS = frozenset(
     {
         "products", "verifyApiKey", "certs", "token", "quotas",
-        "analytics_url", "datalocation", "signed_put", "axpublisher",
+        "analytics_url", "datalocation", "signed_put", "axpublisher", "oauth_token",
     }
 )  # fmt: skip
 AUDIENCE = "remote-service-client"
@@ -83,6 +98,10 @@ _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 # Legacy relative_file_path: date=YYYY-MM-DD/time=HH-MM-00/<file> (GOLIB saas_uploader uploadDir).
 _LEGACY_PATH = re.compile(r"date=\d{4}-\d{2}-\d{2}/time=\d{2}-\d{2}-00/[^/]+")
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # the aud google-auth puts in every assertion
+ASSERTION_LEEWAY = 300.0
 _Answer = Callable[[httpx.Request], httpx.Response]
 
 
@@ -123,6 +142,10 @@ def _google_error(status: int, message: str, code: str) -> httpx.Response:
     return _json(status, {"error": {"code": status, "message": message, "status": code}})
 
 
+def _oauth_error(error: str, description: str) -> httpx.Response:
+    return _json(400, {"error": error, "error_description": description})
+
+
 def _storage_error(status: int, code: str, message: str) -> httpx.Response:
     body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message>"
     body += "</Error>"
@@ -161,11 +184,16 @@ class FakeApigee:
         internal_path: str = "/edgemicro",
         google_token: str | None = None,
         token_ttl: float = 900.0,
+        google_token_ttl: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.org, self.env, self.base_path = org, env, base_path.rstrip("/")
         self.internal_path = internal_path.rstrip("/")
-        self.google_token = google_token  # None: datalocation takes any Bearer token
+        self.google_token = google_token  # accepted by datalocation as if issued here
+        self.google_token_ttl = google_token_ttl
+        self._service_accounts: dict[str, Any] = {}  # client_email -> public key
+        self._google_tokens: dict[str, float] = {}  # issued access token -> expiry (fake clock)
+        self.google_tokens_issued: list[str] = []  # in issue order
         self.basic_auth, self.token_ttl, self._clock = basic_auth, token_ttl, clock
         self._policy_keys = jwt.PyJWKSet.from_dict(policy_jwks) if policy_jwks is not None else None
         self.calls: collections.Counter[str] = collections.Counter()
@@ -203,6 +231,7 @@ class FakeApigee:
             f"{self.base_path}/quotas": ("quotas", "POST", self._post_quotas),
             "/remote-token/certs": ("certs", "GET", self._get_certs),
             "/remote-token/token": ("token", "POST", self._post_token),
+            "/token": ("oauth_token", "POST", self._post_oauth_token),
         }
         ia = re.escape(self.internal_path)
         tenant = "organization/(?P<org>[^/]+)/environment/(?P<env>[^/]+)"  # the Go adapter's analyticsPath
@@ -237,6 +266,15 @@ class FakeApigee:
 
     def revoke_key(self, api_key: str) -> None:
         self._keys[api_key].status = "revoked"
+
+    def add_service_account(self, client_email: str, public_key: Any) -> None:
+        """Let `client_email` get Google access tokens at `/token`; `public_key` (PEM or a key object)
+        verifies its assertions. From then on `datalocation` takes only tokens issued here."""
+        if isinstance(public_key, str | bytes):
+            public_key = serialization.load_pem_public_key(
+                public_key.encode() if isinstance(public_key, str) else public_key
+            )
+        self._service_accounts[client_email] = public_key
 
     def analytics_records(self, org: str, env: str) -> list[dict[str, Any]]:
         """Every record received for (org, env), by signed-URL upload or axpublisher, in arrival order."""
@@ -468,7 +506,7 @@ class FakeApigee:
 
     def _datalocation(self, request: httpx.Request, org: str, env: str) -> httpx.Response:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token or self.google_token not in (None, token):
+        if scheme.lower() != "bearer" or not token or not self._google_authorized(token):
             return _google_error(401, "Request had invalid authentication credentials.", "UNAUTHENTICATED")
         query = request.url.params
         relative = query.get("relative_file_path", "")
@@ -476,6 +514,60 @@ class FakeApigee:
         if query.get("dataset") != "api" or query.get("repo") != "edge" or not re.fullmatch(name, relative):
             return _google_error(400, "Request contains an invalid argument.", "INVALID_ARGUMENT")
         return self._issue(request, _SignedUrl(org, env, relative, "gcp"))
+
+    def _google_authorized(self, token: str) -> bool:
+        if token == self.google_token:
+            return True
+        expiry = self._google_tokens.get(token)
+        if expiry is not None:
+            return self._clock() < expiry
+        return self.google_token is None and not self._service_accounts  # no Google identity set up
+
+    def _post_oauth_token(self, request: httpx.Request) -> httpx.Response:
+        """Google's token endpoint, JWT-bearer grant only (what service-account credentials use)."""
+        form = _body(request)
+        if form.get("grant_type") != JWT_BEARER:
+            return _oauth_error("unsupported_grant_type", f"Invalid grant_type: {form.get('grant_type', '')}")
+        assertion = form.get("assertion", "")
+        try:
+            issuer = jwt.decode(assertion, options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError:
+            return _oauth_error("invalid_grant", "Invalid JWT: malformed assertion")
+        key = self._service_accounts.get(issuer) if isinstance(issuer, str) else None
+        if key is None:
+            return _oauth_error("invalid_grant", "Invalid grant: account not found")
+        try:
+            claims = jwt.decode(
+                assertion,
+                key,
+                algorithms=["RS256"],
+                options={
+                    "require": ["iss", "aud", "iat", "exp"],
+                    "verify_aud": False,
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
+            )
+        except jwt.PyJWTError:
+            return _oauth_error("invalid_grant", "Invalid JWT Signature.")
+        audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+        if not any(isinstance(a, str) and a.endswith("/token") for a in audiences):
+            return _oauth_error("invalid_grant", "Invalid JWT: audience is not a token URL")
+        now, iat, exp = self._clock(), claims["iat"], claims["exp"]
+        if not (exp - iat <= 3600 and iat - ASSERTION_LEEWAY <= now < exp + ASSERTION_LEEWAY):
+            return _oauth_error(
+                "invalid_grant",
+                "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe.",
+            )
+        if CLOUD_PLATFORM not in str(claims.get("scope", "")).split():
+            return _oauth_error("invalid_scope", "Invalid OAuth scope or ID token audience provided.")
+        token = "ya29.fake." + secrets.token_urlsafe(32)
+        self._google_tokens[token] = now + self.google_token_ttl
+        self.google_tokens_issued.append(token)
+        return _json(
+            200, {"access_token": token, "expires_in": int(self.google_token_ttl), "token_type": "Bearer"}
+        )
 
     def _signed_put(self, request: httpx.Request, url_id: str) -> httpx.Response:
         signed = self._signed.get(url_id)

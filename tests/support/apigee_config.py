@@ -1,4 +1,5 @@
-"""Apigee-mode test setup: a provisioned policy secret on disk and a config pointing at a fake Apigee."""
+"""Apigee-mode test setup: a provisioned policy secret on disk, a Google service account for Apigee X/hybrid
+analytics, and a config pointing at a fake Apigee."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 KID = "2024-01-01T00:00:00Z"  # the CLI uses an RFC 3339 timestamp as kid
+SERVICE_ACCOUNT_EMAIL = "apigee-analytics@acme-project.iam.gserviceaccount.com"
 
 
 @dataclass(frozen=True)
@@ -64,3 +66,53 @@ auth:
   append_metadata_headers: false
 {extra_auth}
 """
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    """A Google service-account key: ``info`` is its ``client_secret.json``; register the public half with
+    ``FakeApigee.add_service_account(account.client_email, account.public_key_pem)``."""
+
+    info: dict[str, str]
+    public_key_pem: str
+
+    @property
+    def client_email(self) -> str:
+        return self.info["client_email"]
+
+    def json(self) -> str:
+        return json.dumps(self.info)
+
+
+def new_service_account(token_uri: str, client_email: str = SERVICE_ACCOUNT_EMAIL) -> ServiceAccount:
+    """A fresh key in the JSON layout ``gcloud iam service-accounts keys create`` writes; ``token_uri`` is
+    the fake's ``{base_url}/token``."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    info = {
+        "type": "service_account",
+        "project_id": "acme-project",
+        "private_key_id": "0123456789abcdef0123456789abcdef01234567",
+        "private_key": pem,
+        "client_email": client_email,
+        "client_id": "100000000000000000001",
+        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+        "token_uri": token_uri,
+        "universe_domain": "googleapis.com",
+    }
+    return ServiceAccount(info, public)
+
+
+def write_analytics_secret(directory: Path, account: ServiceAccount) -> Path:
+    """``client_secret.json`` in ``directory``, as the analytics Secret is mounted (``--analytics-secret``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "client_secret.json"
+    path.write_text(account.json())
+    return path

@@ -73,6 +73,30 @@ def test_check_config_reads_the_policy_secret_directory(tmp_path, capsys):
     assert "BEGIN PRIVATE KEY" not in out
 
 
+def test_check_config_reads_the_analytics_secret_directory(tmp_path, capsys, monkeypatch):
+    from tests.support.apigee_config import (
+        apigee_config_yaml,
+        new_service_account,
+        write_analytics_secret,
+        write_policy_secret,
+    )
+
+    secret = write_policy_secret(tmp_path / "policy-secret")
+    account = new_service_account("https://oauth2.googleapis.com/token")
+    analytics = write_analytics_secret(tmp_path / "analytics-secret", account).parent
+    config = tmp_path / "config.yaml"
+    config.write_text(apigee_config_yaml("https://apigee.example.com/remote-service", str(tmp_path)))
+    argv = ["check-config", "-c", str(config), "-p", str(secret.directory)]
+    assert cli.main([*argv, "--analytics-secret", str(analytics)]) == 0
+    out = capsys.readouterr().out
+    assert "analytics_secret: '***'" in out
+    assert "management_api: https://apigee.googleapis.com" in out
+    assert account.client_email not in out and "PRIVATE KEY" not in out
+    monkeypatch.setenv("AUTHZ_ANALYTICS_SECRET", str(tmp_path / "absent"))
+    assert cli.main(argv) == 2
+    assert "absent/client_secret.json: not found" in capsys.readouterr().err
+
+
 def test_check_config_without_policy_secret_exits_2(tmp_path, capsys, monkeypatch):
     from tests.support.apigee_config import apigee_config_yaml
 

@@ -280,6 +280,61 @@ def test_remote_token_jwks_url_is_derived(remote_service_api: str, jwks_url: str
     assert cfg.remote_token_jwks_url(remote_service_api) == jwks_url
 
 
+def test_management_api_defaults_to_google_and_can_point_elsewhere(tmp_path: Path) -> None:
+    secret_dir, *_ = _policy_secret_dir(tmp_path)
+    path = _apigee_plain_config(tmp_path)
+    assert load_config(path, str(secret_dir)).tenant.management_api == "https://apigee.googleapis.com"
+    path.write_text(path.read_text() + "  management_api: http://127.0.0.1:8080\n")
+    assert load_config(path, str(secret_dir)).tenant.management_api == "http://127.0.0.1:8080"
+
+
+def test_analytics_secret_from_a_directory(tmp_path: Path) -> None:
+    secret_dir, *_ = _policy_secret_dir(tmp_path)
+    analytics_dir = tmp_path / "analytics-secret"
+    analytics_dir.mkdir()
+    (analytics_dir / "client_secret.json").write_text('{"type": "service_account"}')
+    path = _apigee_plain_config(tmp_path)
+
+    config = load_config(path, str(secret_dir), str(analytics_dir))
+
+    assert config.analytics_secret_json == '{"type": "service_account"}'
+    assert effective_config(config)["analytics_secret"] == "***"
+
+
+def test_analytics_secret_directory_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret_dir, *_ = _policy_secret_dir(tmp_path)
+    path = _apigee_plain_config(tmp_path)
+    analytics_dir = tmp_path / "analytics-secret"
+    with pytest.raises(ConfigError) as info:  # a directory named on purpose must hold the file
+        load_config(path, str(secret_dir), str(analytics_dir))
+    assert str(info.value) == (
+        f"{analytics_dir}/client_secret.json: not found (the --analytics-secret directory needs "
+        "client_secret.json)"
+    )
+    analytics_dir.mkdir()
+    (analytics_dir / "client_secret.json").write_text("not json")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, str(secret_dir), str(analytics_dir))
+    assert str(info.value) == f"{analytics_dir}/client_secret.json: not a JSON object"
+    (analytics_dir / "client_secret.json").write_bytes(b"\xff")
+    with pytest.raises(ConfigError, match="client_secret.json: cannot read"):
+        load_config(path, str(secret_dir), str(analytics_dir))
+    # The default directory may be absent (the Go adapter's rule): then ADC, at start.
+    monkeypatch.setattr(cfg, "DEFAULT_ANALYTICS_SECRET_DIR", str(tmp_path / "default"))
+    config = load_config(path, str(secret_dir), str(tmp_path / "default"))
+    assert config.analytics_secret_json is None
+
+
+def test_the_stream_analytics_secret_wins_over_the_directory(tmp_path: Path) -> None:
+    stream, *_, service_account, _ = _provision_output("")
+    (tmp_path / "config.yaml").write_text(stream)
+    analytics_dir = tmp_path / "analytics-secret"
+    analytics_dir.mkdir()
+    (analytics_dir / "client_secret.json").write_text('{"other": 1}')
+    config = load_config(tmp_path / "config.yaml", None, str(analytics_dir))
+    assert config.analytics_secret_json == service_account
+
+
 def test_legacy_apigee_uses_basic_auth_without_a_policy_secret(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(
@@ -496,6 +551,7 @@ def test_effective_config_renders_the_file_shape_and_loads_back(tmp_path: Path) 
             "catalog_file": CATALOG,
             "catalog_poll_interval": "2s",
             "remote_token_jwks_url": "",
+            "management_api": "https://apigee.googleapis.com",
         },
         "products": {"refresh_rate": "2m0s"},
         "analytics": {
@@ -627,7 +683,8 @@ INVALID = {
     ),
     "invalid_k8s_inner_unknown_key.yaml": (
         "tenant.org: unknown key (expected one of: internal_api, remote_service_api, org_name, env_name, "
-        "key, secret, client_timeout, tls, catalog_file, catalog_poll_interval, remote_token_jwks_url)"
+        "key, secret, client_timeout, tls, catalog_file, catalog_poll_interval, remote_token_jwks_url, "
+        "management_api)"
     ),
     "invalid_k8s_inner_yaml.yaml": (
         "ConfigMap/apigee-remote-service-envoy data.config.yaml: invalid YAML at line 3, column 1: "
@@ -638,6 +695,15 @@ INVALID = {
     "invalid_k8s_without_configmap.yaml": "expected one ConfigMap with data.config.yaml, found 0",
     "invalid_keep_alive_zero.yaml": "global.keep_alive_max_connection_age: must be greater than 0s",
     "invalid_missing_catalog_file.yaml": "tenant.catalog_file: file not found: {dir}/no-such-catalog.yaml",
+    "invalid_management_api_url.yaml": (
+        'tenant.management_api: expected an http or https URL, got "apigee.googleapis.com"'
+    ),
+    "invalid_management_api_empty.yaml": "tenant.management_api: must not be empty",
+    "invalid_legacy_with_analytics_secret.yaml": (
+        "tenant.internal_api: set, so this is legacy Apigee SaaS or OPDK, whose analytics use Basic auth, "
+        "but an analytics service-account Secret (client_secret.json) is given too; it is for Apigee X or "
+        "hybrid only: remove one (the Go adapter refuses both as mutually exclusive)"
+    ),
     "invalid_negative_duration.yaml": 'auth.api_key_cache_duration: must not be negative, got "-5m"',
     "invalid_null_value.yaml": "tenant.env_name: expected a string, got null",
     "invalid_policy_secret_bad_base64.yaml": (
