@@ -300,6 +300,11 @@ class FakeApigee:
             body, headers = b'{"error":"injected"}', {"Content-Type": "application/json", **(headers or {})}
         self._fails[endpoint].extend(_Canned(status, body, dict(headers or {})) for _ in range(count))
 
+    def clear_faults(self, endpoint: str) -> None:
+        """Forget the failures queued by ``fail_next`` for ``endpoint`` (the outage is over)."""
+        _check(endpoint, 1)
+        self._fails[endpoint].clear()
+
     def set_delay(self, endpoint: str, seconds: float) -> None:
         """Sleep (real asyncio time) before every answer of `endpoint`, faulted ones included; 0 clears."""
         _check(endpoint, 1)
