@@ -145,6 +145,8 @@ class _Analytics:
             metrics,
             clock,
             collection_interval=config.analytics.collection_interval,
+            max_bytes=config.analytics.disk_limit_mb << 20,
+            max_files=config.analytics.file_limit,
         )
         self.servicer = AccessLogServicer(
             self.buffer, metrics, org, clock, config.global_.keep_alive_max_connection_age

@@ -53,6 +53,7 @@ DEFAULT_PRODUCTS_REFRESH = 120.0
 DEFAULT_ANALYTICS_FILE_LIMIT = 1024
 DEFAULT_ANALYTICS_SEND_CHANNEL_SIZE = 10
 DEFAULT_ANALYTICS_COLLECTION_INTERVAL = 120.0
+DEFAULT_ANALYTICS_DISK_LIMIT_MB = 1024
 DEFAULT_API_KEY_CACHE_DURATION = 1800.0
 DEFAULT_API_KEY_HEADER = "x-api-key"
 DEFAULT_API_HEADER = ":authority"
@@ -150,6 +151,7 @@ class AnalyticsConfig:
     file_limit: int = DEFAULT_ANALYTICS_FILE_LIMIT
     send_channel_size: int = DEFAULT_ANALYTICS_SEND_CHANNEL_SIZE
     collection_interval: float = DEFAULT_ANALYTICS_COLLECTION_INTERVAL
+    disk_limit_mb: int = DEFAULT_ANALYTICS_DISK_LIMIT_MB  # NEW: analytics files on disk; oldest dropped
 
 
 @dataclass(frozen=True)
@@ -514,6 +516,7 @@ def _analytics(s: _Section) -> AnalyticsConfig:
         collection_interval=s.duration(
             "collection_interval", DEFAULT_ANALYTICS_COLLECTION_INTERVAL, MIN_COLLECTION_INTERVAL
         ),
+        disk_limit_mb=s.integer("disk_limit_mb", DEFAULT_ANALYTICS_DISK_LIMIT_MB, 1),
     )
 
 

@@ -50,6 +50,7 @@ DEFAULT_FLUSH_INTERVAL: Final = 1.0
 DEFAULT_COLLECTION_INTERVAL: Final = 120.0  # the Go adapter's analytics.collection_interval
 DEFAULT_MAX_BYTES: Final = 1 << 30
 DEFAULT_MAX_PENDING: Final = 10_000
+DEFAULT_MAX_FILES: Final = 1024  # staged files kept: analytics.file_limit, as in the Go adapter
 LEVEL: Final = 6  # gzip's default, as Go's gzip.NewWriter
 GZIP: Final = 31  # zlib wbits: a gzip header and trailer
 READ_CHUNK: Final = 1 << 18
@@ -216,7 +217,7 @@ class Buffer:
         self, temp_dir: str | Path, org: str, metrics: Metrics, clock: Clock, *,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         collection_interval: float = DEFAULT_COLLECTION_INTERVAL, max_bytes: int = DEFAULT_MAX_BYTES,
-        max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending: int = DEFAULT_MAX_PENDING, max_files: int = DEFAULT_MAX_FILES,
     ) -> None:  # fmt: skip
         self._lock_fd: int | None = None
         self.root = Path(temp_dir) / "analytics"
@@ -226,6 +227,7 @@ class Buffer:
         self._flush_interval = flush_interval
         self._collection_interval = collection_interval
         self._max_bytes = max_bytes
+        self._max_files = max_files
         self._max_pending = max_pending
         self._pending: dict[Tenant, list[bytes]] = {}
         self._count = 0  # lines pending or being written: the memory bound
@@ -623,19 +625,21 @@ class Buffer:
         return sum(f.size for f in self._open.values()) + sum(self._stuck.values())
 
     async def _apply_cap(self) -> None:
-        """Delete the oldest staged files until temp and staging fit in max_bytes (never an open file)."""
-        excess = self._temp_bytes() + sum(f.bytes for f in self._staged.values()) - self._max_bytes
-        victims = []
-        for f in _until(self.staged() if excess > 0 else [], excess):
-            victims.append(f)
+        """Delete the oldest staged files until temp and staging fit in max_bytes and at most max_files
+        are staged (never an open file)."""
+        staged = self.staged()
+        excess = self._temp_bytes() + sum(f.bytes for f in staged) - self._max_bytes
+        victims = list(_until(staged if excess > 0 else [], excess))
+        victims += staged[len(victims) : max(len(staged) - self._max_files, len(victims))]
+        for f in victims:
             del self._staged[f.path]
         if victims:
             await asyncio.to_thread(_unlink_all, [f.path for f in victims])
             records = sum(f.records for f in victims)
             self._drop("overflow", records)
             log.warning(
-                "analytics: disk cap of %d bytes reached: deleted the %d oldest staged files (%d records)",
-                self._max_bytes, len(victims), records,
+                "analytics: disk cap (%d bytes, %d files) reached: %d oldest staged files gone (%d records)",
+                self._max_bytes, self._max_files, len(victims), records,
             )  # fmt: skip
         self._gauges()
 

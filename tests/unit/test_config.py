@@ -559,6 +559,7 @@ def test_effective_config_renders_the_file_shape_and_loads_back(tmp_path: Path) 
             "file_limit": 1024,
             "send_channel_size": 10,
             "collection_interval": "2m0s",
+            "disk_limit_mb": 1024,
         },
         "auth": {
             "api_key_claim": "",

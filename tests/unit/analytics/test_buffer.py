@@ -280,6 +280,15 @@ async def test_the_disk_cap_deletes_the_oldest_staged_files_and_counts_their_rec
     assert count(metrics, "analytics_staged_bytes") == on_disk
 
 
+async def test_the_file_cap_keeps_the_newest_staged_files(make, clock, metrics, caplog):
+    buf = make(max_files=2)  # analytics.file_limit
+    staged = await staged_files(buf, clock, [10, 20, 30, 40])
+    assert [f.records for f in staged] == [30, 40]  # the two oldest went
+    assert len(files(buf.root.parent, "staging")) == 2
+    assert dropped(metrics, "overflow") == 30
+    assert "disk cap" in caplog.text
+
+
 async def test_when_open_files_alone_fill_the_cap_new_lines_are_dropped(make, metrics):
     buf = make(max_bytes=1)
     put_all(buf, PROD, lines(5))
