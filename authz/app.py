@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from authz.analytics.buffer import Buffer
 from authz.analytics.uploader import Uploader
-from authz.apigee.analytics import AnalyticsClient
+from authz.apigee.analytics import AnalyticsClient, new_endpoint_http_client
 from authz.apigee.catalog import ApigeeCatalog
 from authz.apigee.client import ApigeeClient, new_google_http_client, new_http_client
 from authz.apigee.google_token import GoogleTokens, service_account_credentials
@@ -133,9 +133,10 @@ class _Tokens:
 
 class _Analytics:
     """Analytics records: the durable buffer under ``global.temp_dir``, the access-log servicer that fills
-    it, and in Apigee mode the uploader that empties it. Standalone, or on Apigee X/hybrid without Google
-    credentials, the staged gzip NDJSON files stay on disk (rotated every ``analytics.collection_interval``,
-    oldest dropped past the disk cap)."""
+    it, and the uploader that empties it: to Apigee, or standalone to ``analytics.endpoint`` (with an HTTP
+    client of its own). Standalone without an endpoint, or on Apigee X/hybrid without Google credentials,
+    the staged gzip NDJSON files stay on disk (rotated every ``analytics.collection_interval``, oldest
+    dropped past the disk cap)."""
 
     def __init__(self, config: Config, metrics: Metrics, clock: Clock, apigee: _Apigee | None) -> None:
         org = config.tenant.org_name
@@ -155,7 +156,7 @@ class _Analytics:
         self.google: GoogleTokens | None = None
         if apigee is not None and config.tenant.gcp_managed:
             self.google = google_tokens_from(config, clock)
-        client = _analytics_client(config, metrics, apigee, clock, self.google)
+        self._client = client = _analytics_client(config, metrics, apigee, clock, self.google)
         if client is not None:
             self.uploader = Uploader(self.buffer, client, org, metrics, clock)
         self._config = config
@@ -184,6 +185,12 @@ class _Analytics:
         if self.google is not None:
             self.google.close()
 
+    async def close_http(self) -> None:
+        """After the background tasks ended: the connections of the ``analytics.endpoint`` client (the
+        Apigee kinds share ``_Apigee``'s clients, closed with it)."""
+        if self._client is not None:
+            await self._client.aclose()
+
 
 def google_tokens_from(config: Config, clock: Clock) -> GoogleTokens:
     """The Google credentials of Apigee X/hybrid analytics: the analytics Secret's service account, else
@@ -204,9 +211,14 @@ def _analytics_client(
 ) -> AnalyticsClient | None:
     """Where records go in Apigee mode: ``axpublisher`` (``analytics.legacy_endpoint``), the legacy signed
     URL (``tenant.internal_api``), or Apigee X/hybrid's ``datalocation`` on ``tenant.management_api`` with
-    a Google token (``google``)."""
+    a Google token (``google``). Standalone: ``analytics.endpoint`` when set, else nowhere (None)."""
     if apigee is None:
-        return None
+        if not config.analytics.endpoint:
+            return None
+        endpoint = config.analytics.endpoint
+        log.info("analytics: staged files are POSTed to %s", endpoint)
+        http = new_endpoint_http_client()
+        return AnalyticsClient(http, "endpoint", endpoint, metrics, owns_http=True)
     internal = config.tenant.internal_api
     if not internal:
         assert google is not None and apigee.google_http is not None
@@ -409,6 +421,7 @@ class Service:
             await self.jwt.close()
         if self.apigee is not None:
             await self.apigee.close()
+        await self.analytics.close_http()
         if self._http is not None:
             self._http.close()
             await self._http.wait_closed()

@@ -11,9 +11,10 @@ cross-field rules. Unlike the Go adapter, unknown keys are errors. Every problem
 Keys this service adds to the Go schema: ``global.graceful_shutdown_timeout``, ``tenant.catalog_file``,
 ``tenant.catalog_poll_interval``, ``auth.api_key_verify_wait``, ``tenant.remote_token_jwks_url``
 (where the keys that sign ``/verifyApiKey`` tokens are published; derived from ``remote_service_api``
-by default) and ``tenant.management_api`` (the Google API base for Apigee X/hybrid analytics, which the Go
-adapter hard-codes). Relative file paths (the catalog and TLS files) are resolved against the config file's
-directory and stored absolute.
+by default), ``tenant.management_api`` (the Google API base for Apigee X/hybrid analytics, which the Go
+adapter hard-codes) and ``analytics.endpoint`` (standalone only: where staged analytics files are POSTed).
+Relative file paths (the catalog and TLS files) are resolved against the config file's directory and
+stored absolute.
 
 The YAML documents themselves (Kubernetes stream, Secrets) are read by ``authz.config_documents``.
 Imports only the standard library, ``yaml``, ``authz.config_documents`` and ``authz.errors``.
@@ -152,6 +153,7 @@ class AnalyticsConfig:
     send_channel_size: int = DEFAULT_ANALYTICS_SEND_CHANNEL_SIZE
     collection_interval: float = DEFAULT_ANALYTICS_COLLECTION_INTERVAL
     disk_limit_mb: int = DEFAULT_ANALYTICS_DISK_LIMIT_MB  # NEW: analytics files on disk; oldest dropped
+    endpoint: str = ""  # NEW: standalone only: POST each staged analytics file to this http(s) URL
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,12 @@ def _check_apigee(file: str, config: Config) -> Config:
     for name in ("remote_service_api", "org_name", "env_name"):
         if not getattr(tenant, name):
             raise ConfigError(file, f"tenant.{name}", APIGEE_ONLY)
+    if config.analytics.endpoint:
+        raise ConfigError(
+            file,
+            "analytics.endpoint",
+            "only for standalone mode (tenant.catalog_file set); in Apigee mode analytics go to Apigee",
+        )
     if tenant.gcp_managed and config.policy_secret is None:
         raise ConfigError(
             file,
@@ -517,7 +525,18 @@ def _analytics(s: _Section) -> AnalyticsConfig:
             "collection_interval", DEFAULT_ANALYTICS_COLLECTION_INTERVAL, MIN_COLLECTION_INTERVAL
         ),
         disk_limit_mb=s.integer("disk_limit_mb", DEFAULT_ANALYTICS_DISK_LIMIT_MB, 1),
+        endpoint=_endpoint_url(s),
     )
+
+
+def _endpoint_url(s: _Section) -> str:
+    """``analytics.endpoint``: an http(s) URL without ``user:password@`` (httpx would send it as Basic auth,
+    and the effective config would print it)."""
+    url = s.url("endpoint")
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise s.error("endpoint", "must not carry credentials (user:password@)")
+    return url
 
 
 def _auth(s: _Section) -> AuthConfig:

@@ -1,10 +1,12 @@
 """Uploader: sends the staged analytics files to Apigee, each to its own tenant, and deletes none unconfirmed.
 
 It reads the files from a ``StagedSource`` (the buffer) and hands each one to ``AnalyticsClient``: a
-signed-URL upload (``gcp``, ``legacy``) or, for ``axpublisher``, its NDJSON lines in POSTs of ``batch_size``
-records. A file goes to the (org, env) it was written for, never the current config's (the Go adapter
-re-queues every tenant's files under the current one after a restart, reference §6). ``source.done(file)``
-runs only after Apigee confirmed the upload (exactly 200 on the PUT, 200 on every POST).
+signed-URL upload (``gcp``, ``legacy``), one POST of the file to ``analytics.endpoint`` (``endpoint``, in
+standalone mode, where "Apigee" below means that endpoint) or, for ``axpublisher``, its NDJSON lines in
+POSTs of ``batch_size`` records. A file goes to the (org, env) it was written for, never the current
+config's (the Go adapter re-queues every tenant's files under the current one after a restart, reference
+§6). ``source.done(file)`` runs only after Apigee confirmed the upload (exactly 200 on the PUT, 200 on every
+axpublisher POST, any 2xx from the endpoint).
 
 Failures, per file, never fatal to the loop:
 

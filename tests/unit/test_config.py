@@ -105,7 +105,11 @@ def test_full_config_sets_every_key() -> None:
         ),
         products=ProductsConfig(refresh_rate=3600.0),
         analytics=AnalyticsConfig(
-            legacy_endpoint=True, file_limit=10, send_channel_size=3, collection_interval=10.0
+            legacy_endpoint=True,
+            file_limit=10,
+            send_channel_size=3,
+            collection_interval=10.0,
+            endpoint="https://collector.example.com/analytics",
         ),
         auth=AuthConfig(
             api_key_claim="api_key",
@@ -560,6 +564,7 @@ def test_effective_config_renders_the_file_shape_and_loads_back(tmp_path: Path) 
             "send_channel_size": 10,
             "collection_interval": "2m0s",
             "disk_limit_mb": 1024,
+            "endpoint": "",
         },
         "auth": {
             "api_key_claim": "",
@@ -657,6 +662,16 @@ INVALID = {
         'tenant.client_timeout: missing unit in duration "30" (use ns, us, ms, s, m or h)'
     ),
     "invalid_empty.yaml": "empty config file",
+    "invalid_analytics_endpoint_credentials.yaml": (
+        "analytics.endpoint: must not carry credentials (user:password@)"
+    ),
+    "invalid_analytics_endpoint_in_apigee_mode.yaml": (
+        "analytics.endpoint: only for standalone mode (tenant.catalog_file set); in Apigee mode analytics "
+        "go to Apigee"
+    ),
+    "invalid_analytics_endpoint_url.yaml": (
+        'analytics.endpoint: expected an http or https URL, got "collector.example.com/analytics"'
+    ),
     "invalid_apigee_without_policy_secret.yaml": (
         "tenant.internal_api: empty, so this is Apigee X or hybrid, whose calls are signed with the "
         "provisioned key: add the policy Secret to this file or mount remote-service.key, "

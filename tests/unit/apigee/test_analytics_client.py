@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from authz.apigee.analytics import CREDENTIALS_PAUSE, AnalyticsClient
+from authz.apigee.analytics import CREDENTIALS_PAUSE, AnalyticsClient, new_endpoint_http_client
 from authz.apigee.signer import BasicAuthorizer
 from authz.errors import ApigeeRejected, ApigeeUnavailable
 from authz.metrics import new_metrics
@@ -299,3 +299,111 @@ async def test_kinds_need_their_credentials_and_their_calls(http, metrics, tmp_p
         )
     with pytest.raises(ValueError, match="uploads files"):
         await legacy(http, metrics).publish("org", "test", RECORDS)
+
+
+# -- standalone endpoint ------------------------------------------------------------------------------
+
+ENDPOINT = "http://collector.test/ingest/analytics/?source=authz"
+
+
+class Receiver:
+    """A test receiver behind ``httpx.MockTransport``: answers ``statuses`` in turn (then 200), and on a
+    2xx gunzips the body and keeps its records and headers."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses)
+        self.records: list[dict] = []
+        self.requests: list[httpx.Request] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        status = self.statuses.pop(0) if self.statuses else 200
+        if 200 <= status < 300:
+            assert request.headers["content-encoding"] == "gzip"
+            lines = gzip.decompress(request.content).splitlines()
+            self.records += [json.loads(line) for line in lines if line.strip()]
+        return httpx.Response(status, headers={"Retry-After": "7"} if status in (429, 503) else {})
+
+
+def endpoint(http, metrics) -> AnalyticsClient:
+    return AnalyticsClient(http, "endpoint", ENDPOINT, metrics)
+
+
+async def test_endpoint_posts_the_staged_file_as_is(metrics, tmp_path):
+    receiver = Receiver()
+    path = write_gz(tmp_path / "1715941230-0a1b2c3d-2.gz", RECORDS)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(receiver)) as http:
+        client = endpoint(http, metrics)
+        name = client.relative_name("org", "prod", path, 1715941299)
+        await client.upload("org", "prod", path, name)
+    assert name == "1715941230-0a1b2c3d-2.gz"  # the staged name: the same on every retry
+    assert receiver.records == RECORDS
+    [request] = receiver.requests
+    assert (request.method, str(request.url)) == ("POST", ENDPOINT)  # the URL exactly as configured
+    assert request.content == path.read_bytes()
+    headers = request.headers
+    assert headers["content-type"] == "application/x-ndjson"
+    assert headers["content-encoding"] == "gzip"
+    assert headers["x-apigee-organization"] == "org"
+    assert headers["x-apigee-environment"] == "prod"
+    assert headers["x-analytics-file"] == name
+    assert int(headers["content-length"]) == path.stat().st_size
+    assert "authorization" not in headers
+    assert timed(metrics, "POST", "200", env="prod") == 1
+
+
+@pytest.mark.parametrize("status", [201, 202, 204])
+async def test_endpoint_any_2xx_confirms(metrics, tmp_path, status):
+    receiver = Receiver(status)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(receiver)) as http:
+        await endpoint(http, metrics).upload("org", "test", write_gz(tmp_path / "f.gz", RECORDS), "f.gz")
+    assert receiver.records == RECORDS
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 408, 429])
+async def test_endpoint_transient_statuses_are_unavailable(metrics, tmp_path, status):
+    receiver = Receiver(status)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(receiver)) as http:
+        with pytest.raises(ApigeeUnavailable, match=f"HTTP {status}") as caught:
+            await endpoint(http, metrics).upload("org", "test", write_gz(tmp_path / "f.gz", RECORDS), "f.gz")
+    assert caught.value.retry_after == (7.0 if status in (429, 503) else None)
+    assert receiver.records == []
+    assert timed(metrics, "POST", str(status)) == 1
+
+
+@pytest.mark.parametrize("status", [400, 404, 413, 302])
+async def test_endpoint_other_statuses_are_rejected(metrics, tmp_path, status):
+    async with httpx.AsyncClient(transport=httpx.MockTransport(Receiver(status))) as http:
+        with pytest.raises(ApigeeRejected) as caught:
+            await endpoint(http, metrics).upload("org", "test", write_gz(tmp_path / "f.gz", RECORDS), "f.gz")
+    assert caught.value.status == status
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_endpoint_refusing_us_pauses_uploads(metrics, tmp_path, status):
+    async with httpx.AsyncClient(transport=httpx.MockTransport(Receiver(status))) as http:
+        with pytest.raises(ApigeeUnavailable, match=f"POST endpoint: HTTP {status}: credentials") as caught:
+            await endpoint(http, metrics).upload("org", "test", write_gz(tmp_path / "f.gz", RECORDS), "f.gz")
+    assert caught.value.retry_after == CREDENTIALS_PAUSE  # not the file's fault: nothing is quarantined
+
+
+async def test_endpoint_transport_errors_are_unavailable_and_timed_as_error(metrics, tmp_path):
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refused)) as http:
+        with pytest.raises(ApigeeUnavailable, match="ConnectError"):
+            await endpoint(http, metrics).upload("org", "test", write_gz(tmp_path / "f.gz", RECORDS), "f.gz")
+        with pytest.raises(FileNotFoundError):  # a file the buffer dropped: no call at all
+            await endpoint(http, metrics).upload("org", "test", tmp_path / "gone.gz", "gone.gz")
+    assert timed(metrics, "POST", "error") == 1
+
+
+async def test_only_an_owned_http_client_is_closed(metrics):
+    owned = new_endpoint_http_client()
+    assert (owned.timeout.read, owned.follow_redirects) == (30.0, False)
+    await AnalyticsClient(owned, "endpoint", ENDPOINT, metrics, owns_http=True).aclose()
+    assert owned.is_closed
+    async with httpx.AsyncClient() as shared:
+        await AnalyticsClient(shared, "endpoint", ENDPOINT, metrics).aclose()
+        assert not shared.is_closed
