@@ -61,7 +61,7 @@ INVALID_REASONS: Final = (
 AttributeValue = str | int | float | bool
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: a frozen __init__ costs about 1.5 µs per record here
 class AccessEntry:
     """What one Envoy HTTP access-log entry tells us, in plain Python types.
 
@@ -91,7 +91,7 @@ class AccessEntry:
     downstream_ip: str = ""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: a frozen __init__ costs about 1.5 µs per record here
 class Record:
     """One Apigee analytics record, with the Go adapter's JSON field names.
 
@@ -271,6 +271,10 @@ def validate(record: Record, now_ms: int) -> str | None:
     return None
 
 
+# One encoder for every line: json.dumps with options builds a new one per call (about 2 µs).
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
 def to_json_line(record: Record) -> bytes:
     """The record as one line of NDJSON: a compact JSON object, keys sorted, raw UTF-8, then ``\\n``."""
     fields: dict[str, object] = {
@@ -307,7 +311,7 @@ def to_json_line(record: Record) -> bytes:
         if value:
             fields[name] = value
     fields.update(attributes(record.attributes))
-    text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    text = _ENCODER.encode(fields)
     # "replace" only matters for a lone surrogate, which no protobuf string can hold.
     return (text + "\n").encode("utf-8", "replace")
 

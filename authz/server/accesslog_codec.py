@@ -68,17 +68,16 @@ def _entry(entry: Any) -> AccessEntry:
 def _ms(common: Any, name: str) -> int | None:
     if not common.HasField(name):
         return None
-    ms: int = getattr(common, name).ToMilliseconds()
+    duration = getattr(common, name)
+    ms: int = duration.seconds * 1000 + duration.nanos // 1_000_000  # ToMilliseconds, without its checks
     return ms
 
 
 def _strings(struct: Any) -> dict[str, str]:
-    """The string fields of a Struct (our x-apigee-* values are all strings)."""
-    return {
-        key: value.string_value
-        for key, value in struct.fields.items()
-        if value.WhichOneof("kind") == "string_value"
-    }
+    """The non-empty string fields of a Struct (our x-apigee-* values are all strings; a field of another
+    kind reads as "" and is left out, as an empty one is). Reading string_value directly is about twice as
+    fast as asking each value for its kind first."""
+    return {key: text for key, value in struct.fields.items() if (text := value.string_value)}
 
 
 def _values(struct: Any) -> dict[str, AttributeValue]:
