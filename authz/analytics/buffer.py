@@ -31,12 +31,12 @@ import logging
 import os
 import re
 import secrets
-import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
+from authz.analytics import gzipfile
 from authz.clock import Clock
 from authz.errors import ListenError
 from authz.metrics import Metrics
@@ -51,9 +51,6 @@ DEFAULT_COLLECTION_INTERVAL: Final = 120.0  # the Go adapter's analytics.collect
 DEFAULT_MAX_BYTES: Final = 1 << 30
 DEFAULT_MAX_PENDING: Final = 10_000
 DEFAULT_MAX_FILES: Final = 1024  # staged files kept: analytics.file_limit, as in the Go adapter
-LEVEL: Final = 6  # gzip's default, as Go's gzip.NewWriter
-GZIP: Final = 31  # zlib wbits: a gzip header and trailer
-READ_CHUNK: Final = 1 << 18
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # an org or env; Apigee's names are narrower
 _STAGED = re.compile(r"(\d+)-([0-9a-f]{8})-(\d+)\.gz")
@@ -85,122 +82,6 @@ class StagedFile:
     created: float  # epoch seconds its first flush was written (whole seconds, from its name)
 
 
-# --- file primitives (module functions so that tests inject failures and crashes here) -------------
-
-
-def _write(fd: int, data: bytes, offset: int) -> None:
-    """Write all of data at offset."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def _replace(src: Path, dst: Path) -> None:
-    os.replace(src, dst)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_renamed(*directories: Path) -> None:
-    """After a rename that happened: a failed fsync only loses it on a power cut, not worth undoing."""
-    for directory in directories:
-        try:
-            _fsync_dir(directory)
-        except OSError as exc:
-            log.warning("analytics: cannot fsync %s: %s", directory, exc)
-
-
-def _create(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-
-
-class _Open:
-    """A tenant's open file. Used only under the buffer's lock, in its worker thread."""
-
-    __slots__ = ("tenant", "path", "created", "opened", "fd", "comp", "size", "records", "broken")
-
-    def __init__(self, tenant: Tenant, path: Path, created: float, opened: float, fd: int) -> None:
-        self.tenant, self.path, self.created, self.opened, self.fd = tenant, path, created, opened, fd
-        self.comp = zlib.compressobj(LEVEL, zlib.DEFLATED, GZIP)
-        self.size = 0
-        self.records = 0
-        self.broken = False  # a failed write could not be undone: the file is salvaged, never appended to
-
-    def append(self, data: bytes, records: int, *, last: bool = False) -> None:
-        """Compress data, write it and fsync; on OSError, undo (or mark the file broken) and re-raise."""
-        before = self.comp.copy()
-        out = self.comp.compress(data) + self.comp.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
-        try:
-            _write(self.fd, out, self.size)
-            os.fsync(self.fd)
-        except OSError:
-            self.comp = before
-            try:
-                os.ftruncate(self.fd, self.size)
-            except OSError:
-                self.broken = True
-            raise
-        self.size += len(out)
-        self.records += records
-
-
-def _inflate(
-    f: BinaryIO, sink: Callable[[bytes], None], limit: int | None = None
-) -> Literal["clean", "truncated", "corrupt"]:
-    """Feed sink the decompressed bytes of each gzip member of f (its first limit bytes), until the data
-    ends or is damaged."""
-    d = zlib.decompressobj(GZIP)
-    fed = False
-    left = -1 if limit is None else limit
-    while chunk := f.read(READ_CHUNK if left < 0 else min(READ_CHUNK, left)):
-        left -= len(chunk)
-        while chunk:
-            fed = True
-            try:
-                sink(d.decompress(chunk))
-            except zlib.error:  # bad header, bad deflate data, bad CRC: keep what came before
-                return "corrupt"
-            if not d.eof:
-                break
-            chunk, d, fed = d.unused_data, zlib.decompressobj(GZIP), False
-    return "truncated" if fed else "clean"
-
-
-def _recompress(src: Path, dst: Path, limit: int | None = None) -> tuple[str, int]:
-    """Write the complete lines readable from src (its first limit bytes) to a new gzip file dst,
-    fsynced: (state, lines)."""
-    comp = zlib.compressobj(LEVEL, zlib.DEFLATED, GZIP)
-    fd = _create(dst)
-    offset, records, tail = 0, 0, b""
-
-    def sink(data: bytes) -> None:
-        nonlocal offset, records, tail
-        data = tail + data
-        cut = data.rfind(b"\n") + 1
-        tail = data[cut:]
-        if cut:
-            records += data.count(b"\n", 0, cut)
-            out = comp.compress(data[:cut])
-            _write(fd, out, offset)
-            offset += len(out)
-
-    try:
-        with open(src, "rb") as f:
-            state = _inflate(f, sink, limit)
-        _write(fd, comp.flush(), offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return state, records
-
-
 # --- the buffer ----------------------------------------------------------------------------------
 
 
@@ -209,7 +90,7 @@ class _Flushed:
     tenant: Tenant
     lines: int
     error: str | None = None  # a drop reason
-    opened: _Open | None = None
+    opened: gzipfile.OpenFile | None = None
 
 
 class Buffer:
@@ -232,7 +113,7 @@ class Buffer:
         self._pending: dict[Tenant, list[bytes]] = {}
         self._count = 0  # lines pending or being written: the memory bound
         self._tenants: set[Tenant] = set()  # validated
-        self._open: dict[Tenant, _Open] = {}
+        self._open: dict[Tenant, gzipfile.OpenFile] = {}
         self._stuck: dict[Path, int] = {}  # temp files that failed to close or rename: salvaged at rotation
         self._staged: dict[Path, StagedFile] = {}
         self._lock = asyncio.Lock()
@@ -419,18 +300,18 @@ class Buffer:
                         os.close(f.fd)
         return results
 
-    def _new_file(self, tenant: Tenant, now: float, mono: float) -> _Open:
+    def _new_file(self, tenant: Tenant, now: float, mono: float) -> gzipfile.OpenFile:
         directory = self._dir("temp", tenant)
         created = int(now)
         path = directory / f"{created}-{secrets.token_hex(4)}.gz"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            _fsync_dir(directory)  # the file's name must survive a power loss, as its data will
+            gzipfile.fsync_dir(directory)  # the file's name must survive a power loss, as its data will
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        return _Open(tenant, path, float(created), mono, fd)
+        return gzipfile.OpenFile(tenant, path, float(created), mono, fd)
 
     def _dir(self, kind: str, tenant: Tenant) -> Path:
         name = tenant_dir(tenant)
@@ -459,12 +340,12 @@ class Buffer:
         await self._apply_cap()
 
     def _stage(
-        self, closing: list[_Open], stuck: dict[Path, int]
-    ) -> tuple[list[StagedFile], list[_Open], dict[Path, int]]:
+        self, closing: list[gzipfile.OpenFile], stuck: dict[Path, int]
+    ) -> tuple[list[StagedFile], list[gzipfile.OpenFile], dict[Path, int]]:
         """In the worker thread: finish each file and rename it into staging; salvage the stuck ones
         (their good bytes only). Returns the files staged, those still open, those still stuck."""
         staged: list[StagedFile] = []
-        reopened: list[_Open] = []
+        reopened: list[gzipfile.OpenFile] = []
         failed: dict[Path, int] = {}
         for f in closing:
             try:
@@ -499,11 +380,11 @@ class Buffer:
                 staged.append(result)
         return staged, reopened, failed
 
-    def _publish(self, f: _Open) -> StagedFile:
+    def _publish(self, f: gzipfile.OpenFile) -> StagedFile:
         directory = self._dir("staging", f.tenant)
         target = directory / f"{f.path.name[:-3]}-{f.records}.gz"
-        _replace(f.path, target)
-        _sync_renamed(directory, f.path.parent)
+        gzipfile.replace(f.path, target)
+        gzipfile.sync_renamed(directory, f.path.parent)
         return StagedFile(target, f.tenant, f.records, f.size, f.created)
 
     def _salvage(
@@ -524,7 +405,7 @@ class Buffer:
             created = int(foreign[1]) if foreign else int(src.stat().st_mtime)
             stem = f"{created}-{secrets.token_hex(4)}"
         tmp = directory / f"{stem}.gz.tmp"
-        state, records = _recompress(src, tmp, limit)
+        state, records = gzipfile.recompress(src, tmp, limit)
         if records == 0:
             tmp.unlink()
             if state == "corrupt":
@@ -537,14 +418,14 @@ class Buffer:
         if state == "corrupt":
             log.warning("analytics: %s is damaged: %d records before the damage kept", src, records)
         target = directory / f"{stem}-{records}.gz"
-        _replace(tmp, target)
-        _sync_renamed(directory)
+        gzipfile.replace(tmp, target)
+        gzipfile.sync_renamed(directory)
         src.unlink()
-        _sync_renamed(src.parent)
+        gzipfile.sync_renamed(src.parent)
         return StagedFile(target, tenant, records, _size(target), float(created))
 
     def _set_aside(self, path: Path, tenant: Tenant) -> None:
-        _replace(path, self._dir("quarantine", tenant) / path.name)
+        gzipfile.replace(path, self._dir("quarantine", tenant) / path.name)
 
     async def _recover(self) -> None:
         in_use = {f.path for f in self._open.values()} | set(self._stuck)

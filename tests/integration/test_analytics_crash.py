@@ -31,7 +31,7 @@ ROUND = 50  # records per tenant between flushes
 
 SCRIPT = r"""
 import asyncio, json, os, signal, sys
-from authz.analytics import buffer
+from authz.analytics import buffer, gzipfile
 from authz.clock import SystemClock
 from authz.metrics import new_metrics
 
@@ -61,8 +61,8 @@ async def flushed(buf):
 async def main():
     buf = buffer.Buffer(root, "org", new_metrics(), SystemClock())
     if point == "mid_salvage":  # a restart that dies inside its own recovery, after the first rename
-        real = buffer._replace
-        buffer._replace = lambda src, dst: (real(src, dst), die())
+        real = gzipfile.replace
+        gzipfile.replace = lambda src, dst: (real(src, dst), die())
         await buf.recover()
         return
     await buf.recover()
@@ -76,12 +76,12 @@ async def main():
         die()
     put_round(buf)
     if point == "mid_append":  # the crash lands inside a write: half the bytes of this flush
-        real = buffer._write
-        buffer._write = lambda fd, data, offset: (real(fd, data[: len(data) // 2], offset), die())
+        real = gzipfile.write_at
+        gzipfile.write_at = lambda fd, data, offset: (real(fd, data[: len(data) // 2], offset), die())
         await buf.flush()
     if point == "mid_rename":  # the file is closed (trailer written, fsynced), not yet renamed
         await flushed(buf)
-        buffer._replace = die
+        gzipfile.replace = die
         await buf.rotate()
     raise SystemExit(f"no crash at {point}")
 

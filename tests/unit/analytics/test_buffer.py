@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from authz.analytics import buffer
+from authz.analytics import gzipfile
 from authz.analytics.buffer import Buffer, StagedFile, Tenant
 from authz.errors import ListenError
 from authz.metrics import Metrics, new_metrics
@@ -88,7 +88,7 @@ def make(tmp_path: Path, clock: FakeClock, metrics: Metrics) -> Callable[..., Bu
 
 def fail_writes(monkeypatch: pytest.MonkeyPatch, *, after_half: bool = True) -> list[int]:
     """Every write to a file of the buffer writes half its bytes (a partial write), then fails: ENOSPC."""
-    real, calls = buffer._write, []
+    real, calls = gzipfile.write_at, []
 
     def write(fd: int, data: bytes, offset: int) -> None:
         calls.append(len(data))
@@ -96,7 +96,7 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch, *, after_half: bool = True) -> 
             real(fd, data[: len(data) // 2], offset)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(buffer, "_write", write)
+    monkeypatch.setattr(gzipfile, "write_at", write)
     return calls
 
 
@@ -355,7 +355,7 @@ async def test_a_write_that_cannot_be_undone_leaves_a_file_salvaged_at_the_next_
     def no_truncate(fd: int, size: int) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(buffer.os, "ftruncate", no_truncate)
+    monkeypatch.setattr(gzipfile.os, "ftruncate", no_truncate)
     put_all(buf, PROD, lines(2, first=6))
     await buf.flush()  # half a flush stays in the file, after 6 good lines
     monkeypatch.undo()
@@ -376,7 +376,7 @@ async def test_a_file_that_cannot_be_renamed_is_salvaged_at_the_next_rotation(
     def no_rename(src: Path, dst: Path) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(buffer, "_replace", no_rename)
+    monkeypatch.setattr(gzipfile, "replace", no_rename)
     await buf.rotate()  # closed (its trailer written), not renamed
     assert buf.staged() == [] and len(files(tmp_path, "temp")) == 1
     await buf.rotate()  # still failing: kept for the next try
@@ -399,14 +399,14 @@ async def test_an_unwritable_temp_dir_drops_and_counts(tmp_path, clock, metrics)
 async def test_a_cancelled_flush_finishes_its_file_work_before_the_next_one(make, metrics, monkeypatch):
     buf = make()
     entered, release = threading.Event(), threading.Event()
-    real = buffer._write
+    real = gzipfile.write_at
 
     def slow_write(fd: int, data: bytes, offset: int) -> None:
         entered.set()
         assert release.wait(5)
         real(fd, data, offset)
 
-    monkeypatch.setattr(buffer, "_write", slow_write)
+    monkeypatch.setattr(gzipfile, "write_at", slow_write)
     put_all(buf, PROD, lines(3))
     first = asyncio.create_task(buf.flush())
     assert await asyncio.to_thread(entered.wait, 5)
@@ -449,7 +449,7 @@ async def test_done_deletes_and_quarantine_sets_aside_and_counts_the_records(mak
 
 def flushed_file(batches: list[list[bytes]]) -> tuple[bytes, list[int]]:
     """The bytes of an open file after one flush per batch, and its size after each flush."""
-    comp, data, sizes = zlib.compressobj(buffer.LEVEL, zlib.DEFLATED, 31), b"", []
+    comp, data, sizes = zlib.compressobj(gzipfile.LEVEL, zlib.DEFLATED, 31), b"", []
     for batch in batches:
         data += comp.compress(b"".join(batch)) + comp.flush(zlib.Z_SYNC_FLUSH)
         sizes.append(len(data))
