@@ -5,9 +5,10 @@ Field names, units and rules are the Go adapter's (golib ``analytics/record.go``
 ``*`` fields are omitted when empty, custom attributes are ``dc.*``, and a record is one JSON object per
 line with its keys in alphabetical order (the Go adapter marshals a map).
 
-Pure: imports only the standard library. No protobuf here; ``server/accesslog_codec.py`` turns Envoy's
-``HTTPAccessLogEntry`` into the plain ``AccessEntry`` below. Callers supply the flow id (a UUIDv4) and the
-clock, so everything here is deterministic.
+Pure: the standard library and the x-apigee-* key names of ``authz.decision.dynamic_metadata``. No
+protobuf here; ``server/accesslog_codec.py`` turns Envoy's ``HTTPAccessLogEntry`` into the plain
+``AccessEntry`` below. Callers supply the flow id (a UUIDv4) and the clock, so everything here is
+deterministic.
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-# The x-apigee-* keys of the ext_authz dynamic metadata. The same names as authz.decision.dynamic_metadata
-# (a test checks they agree); repeated here so this module needs nothing outside the standard library.
-ORGANIZATION: Final = "x-apigee-organization"
-ENVIRONMENT: Final = "x-apigee-environment"
-API: Final = "x-apigee-api"
-APPLICATION: Final = "x-apigee-application"
-DEVELOPER_EMAIL: Final = "x-apigee-developeremail"
-CLIENT_ID: Final = "x-apigee-clientid"
-ACCESS_TOKEN: Final = "x-apigee-accesstoken"  # noqa: S105 (a metadata key)
-ANALYTICS_PRODUCT: Final = "x-apigee-analytics-product"
+from authz.decision.dynamic_metadata import (  # the x-apigee-* keys Check writes (stdlib-only module)
+    ACCESS_TOKEN,
+    ANALYTICS_PRODUCT,
+    API,
+    APPLICATION,
+    CLIENT_ID,
+    DEVELOPER_EMAIL,
+    ENVIRONMENT,
+    ORGANIZATION,
+)
 
 RECORD_TYPE: Final = "APIAnalytics"
 API_PROXY_REVISION: Final = 0

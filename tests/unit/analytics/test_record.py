@@ -6,7 +6,6 @@ import pytest
 
 from authz.analytics import record as rec
 from authz.analytics.record import AccessEntry, Record
-from authz.decision import dynamic_metadata
 
 START = 1_700_000_000_000
 FLOW = "8f2b…uuid"
@@ -64,17 +63,6 @@ def a_record(**changes):
     record = rec.from_access(allowed_entry(), FLOW)
     assert record is not None
     return dataclasses.replace(record, **changes)
-
-
-def test_metadata_keys_are_the_ones_check_writes():
-    assert rec.ORGANIZATION == dynamic_metadata.ORGANIZATION
-    assert rec.ENVIRONMENT == dynamic_metadata.ENVIRONMENT
-    assert rec.API == dynamic_metadata.API
-    assert rec.APPLICATION == dynamic_metadata.APPLICATION
-    assert rec.DEVELOPER_EMAIL == dynamic_metadata.DEVELOPER_EMAIL
-    assert rec.CLIENT_ID == dynamic_metadata.CLIENT_ID
-    assert rec.ACCESS_TOKEN == dynamic_metadata.ACCESS_TOKEN
-    assert rec.ANALYTICS_PRODUCT == dynamic_metadata.ANALYTICS_PRODUCT
 
 
 def test_reference_example_line():
