@@ -156,7 +156,7 @@ class _Analytics:
         self.google: GoogleTokens | None = None
         if apigee is not None and config.tenant.gcp_managed:
             self.google = google_tokens_from(config, clock)
-        self._client = client = _analytics_client(config, metrics, apigee, clock, self.google)
+        self._client = client = _analytics_client(config, metrics, apigee, self.google)
         if client is not None:
             self.uploader = Uploader(self.buffer, client, org, metrics, clock)
         self._config = config
@@ -207,7 +207,7 @@ def google_tokens_from(config: Config, clock: Clock) -> GoogleTokens:
 
 
 def _analytics_client(
-    config: Config, metrics: Metrics, apigee: _Apigee | None, clock: Clock, google: GoogleTokens | None
+    config: Config, metrics: Metrics, apigee: _Apigee | None, google: GoogleTokens | None
 ) -> AnalyticsClient | None:
     """Where records go in Apigee mode: ``axpublisher`` (``analytics.legacy_endpoint``), the legacy signed
     URL (``tenant.internal_api``), or Apigee X/hybrid's ``datalocation`` on ``tenant.management_api`` with
@@ -225,7 +225,7 @@ def _analytics_client(
         base = config.tenant.management_api
         return AnalyticsClient(apigee.google_http, "gcp", base, metrics, token=google)
     kind: Literal["legacy", "axpublisher"] = "axpublisher" if config.analytics.legacy_endpoint else "legacy"
-    return AnalyticsClient(apigee.http, kind, internal, metrics, authorizer=authorizer_from(config, clock))
+    return AnalyticsClient(apigee.http, kind, internal, metrics, authorizer=apigee.authorizer)
 
 
 class _Apigee:
@@ -237,10 +237,11 @@ class _Apigee:
         # Apigee X/hybrid analytics go to Google's public endpoints, with their own TLS (not tenant.tls).
         timeout = tenant.client_timeout
         self.google_http = new_google_http_client(timeout) if tenant.gcp_managed else None
+        self.authorizer = authorizer_from(config, clock)  # Apigee's own calls and legacy analytics uploads
         self.client = client = ApigeeClient(
             self.http,
             tenant.remote_service_api,
-            authorizer_from(config, clock),
+            self.authorizer,
             metrics,
             org,
             tenant.env_name,
