@@ -91,7 +91,6 @@ class QuotaManager:
         self._sync_timeout = sync_timeout
         self._per_id = per_id_metrics
         self._buckets: dict[str, Bucket] = {}
-        self._envs: dict[str, str] = {}  # quota id -> environment (metrics labels)
         self._syncs: dict[str, _Sync] = {}
         self._slots = asyncio.Semaphore(MAX_SYNCS)
         self._counters: dict[tuple[str, bool], Any] = {}
@@ -203,7 +202,6 @@ class QuotaManager:
         elif len(self._buckets) >= MAX_BUCKETS:
             self._drop_idle(now, force=True)
         bucket = self._buckets[quota_id] = Bucket(limit, interval, unit, now, remote=self.remote)
-        self._envs[quota_id] = env
         self._metrics.quota_buckets.labels(self._org).set(len(self._buckets))
         return bucket
 
@@ -277,7 +275,6 @@ class QuotaManager:
             if bucket.syncing or bucket.unsynced or not (idle or force) or not (bucket.remote or over):
                 continue
             del self._buckets[quota_id]
-            self._envs.pop(quota_id, None)
             sync = self._syncs.get(quota_id)
             if sync is not None and sync.task is None:
                 del self._syncs[quota_id]
