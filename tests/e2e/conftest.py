@@ -64,7 +64,7 @@ class _Stacks:
         envoy_template: str = "sidecar.yaml",
     ) -> Stack:
         work_dir = self._base_dir / f"stack{len(self._stacks)}"
-        work_dir.mkdir(parents=True)
+        work_dir.mkdir(parents=True, exist_ok=True)  # a test may have mounted something under it
         catalog_path = work_dir / "catalog.yaml"
         catalog_path.write_text(catalog_yaml)
         stack = start_stack(
