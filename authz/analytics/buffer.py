@@ -1,11 +1,7 @@
 """Buffer: this replica's analytics records, durable on disk from a flush until the uploader confirms them.
 
-Layout under ``{temp_dir}/analytics/`` (directories 0700, files 0600), one directory per tenant ``org~env``
-as in the Go adapter (reference §6), so a file it left behind is picked up too::
-
-    temp/org~env/{unix}-{random}.gz                the open file, appended to every flush_interval
-    staging/org~env/{unix}-{random}-{records}.gz   closed, waiting for upload (the count: drops are counted)
-    quarantine/org~env/...                         set aside: unreadable, or refused by Apigee for good
+One gzip file per tenant (``org~env``) open in ``temp/``, rotated into ``staging/``; the directory layout,
+its lock and the salvage of files left behind are ``layout``'s.
 
 Format: one gzip member per file, what the Go adapter uploads (a reader that stops after the first member
 of a concatenation would silently lose the rest). A flush compresses its lines, ends with Z_SYNC_FLUSH (the
@@ -13,8 +9,7 @@ deflate stream is byte-aligned, everything so far decodable) and fsyncs: a crash
 its trailer, which ``recover`` reads up to the last complete line. A failed write (ENOSPC) is rolled back,
 the compressor restored from a copy taken before it and the file truncated to its last good length, so the
 file stays one valid stream and the next flush tries again. Rotation writes the trailer, fsyncs, renames
-into staging and fsyncs both directories. Recovery is idempotent: a salvaged file keeps its name's stem,
-and a temp file whose stem is already staged (a crash after the rename, before the unlink) is just deleted.
+into staging and fsyncs both directories.
 
 ``put`` runs on the event loop and does no I/O. File work runs in a worker thread, one operation at a
 time, under a lock held by a shielded task, so a cancelled caller never leaves two threads on one file.
@@ -26,24 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
-import re
-import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 from authz.analytics import gzipfile
+from authz.analytics.layout import Layout, StagedFile, Tenant, tenant_dir, tenant_of
 from authz.clock import Clock
-from authz.errors import ListenError
 from authz.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Tenant = tuple[str, str]  # (org, env)
 T = TypeVar("T")
 
 DEFAULT_FLUSH_INTERVAL: Final = 1.0
@@ -51,36 +42,6 @@ DEFAULT_COLLECTION_INTERVAL: Final = 120.0  # the Go adapter's analytics.collect
 DEFAULT_MAX_BYTES: Final = 1 << 30
 DEFAULT_MAX_PENDING: Final = 10_000
 DEFAULT_MAX_FILES: Final = 1024  # staged files kept: analytics.file_limit, as in the Go adapter
-
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # an org or env; Apigee's names are narrower
-_STAGED = re.compile(r"(\d+)-([0-9a-f]{8})-(\d+)\.gz")
-_OPEN = re.compile(r"(\d+)-([0-9a-f]{8})\.gz")
-_FOREIGN = re.compile(r"(\d+)-.*\.gz")  # the Go adapter's {unix}-{uuid}.gz
-
-
-def tenant_dir(tenant: Tenant) -> str | None:
-    """The directory name ``org~env``, or None when either part could escape or confuse the layout."""
-    org, env = tenant
-    if all(_NAME.fullmatch(part) and part not in (".", "..") for part in (org, env)):
-        return f"{org}~{env}"
-    return None
-
-
-def _tenant_of(name: str) -> Tenant | None:
-    org, sep, env = name.partition("~")
-    return (org, env) if sep and tenant_dir((org, env)) == name else None
-
-
-@dataclass(frozen=True)
-class StagedFile:
-    """A closed gzip NDJSON file waiting for upload."""
-
-    path: Path
-    tenant: Tenant
-    records: int
-    bytes: int
-    created: float  # epoch seconds its first flush was written (whole seconds, from its name)
-
 
 # --- the buffer ----------------------------------------------------------------------------------
 
@@ -100,8 +61,8 @@ class Buffer:
         collection_interval: float = DEFAULT_COLLECTION_INTERVAL, max_bytes: int = DEFAULT_MAX_BYTES,
         max_pending: int = DEFAULT_MAX_PENDING, max_files: int = DEFAULT_MAX_FILES,
     ) -> None:  # fmt: skip
-        self._lock_fd: int | None = None
-        self.root = Path(temp_dir) / "analytics"
+        self._layout = Layout(temp_dir)
+        self.root = self._layout.root
         self._org = org
         self._metrics = metrics
         self._clock = clock
@@ -190,7 +151,7 @@ class Buffer:
         try:
             await self.rotate()
         finally:
-            self._unlock()
+            self._layout.unlock()
 
     async def recover(self) -> None:
         """At start, before ``run``: take the directory (one process per temp_dir), index staging/, and
@@ -200,31 +161,8 @@ class Buffer:
         Raises:
             ListenError: another process (or service) holds this temp_dir.
         """
-        self._lock_directory()
+        self._layout.lock()
         await self._exclusive(self._recover)
-
-    def _lock_directory(self) -> None:
-        """An exclusive lock on ``{root}/.lock``: two processes salvaging each other's open files would
-        upload records twice or lose them."""
-        if self._lock_fd is not None:
-            return
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            where = self.root.parent
-            raise ListenError(
-                f"global.temp_dir {where} is in use by another authz process: give each its own"
-            ) from None
-        self._lock_fd = fd
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     async def _exclusive(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run op under the lock in a task of its own: cancelling the caller never stops file work half
@@ -290,7 +228,7 @@ class Buffer:
             f = self._open.get(tenant)
             try:
                 if f is None:
-                    f = result.opened = self._new_file(tenant, now, mono)
+                    f = result.opened = self._layout.new_file(tenant, now, mono)
                 f.append(b"".join(lines), len(lines))
             except OSError as exc:
                 log.debug("analytics write for %s~%s failed: %s", *tenant, exc)
@@ -299,29 +237,6 @@ class Buffer:
                     with contextlib.suppress(OSError):
                         os.close(f.fd)
         return results
-
-    def _new_file(self, tenant: Tenant, now: float, mono: float) -> gzipfile.OpenFile:
-        directory = self._dir("temp", tenant)
-        created = int(now)
-        path = directory / f"{created}-{secrets.token_hex(4)}.gz"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            gzipfile.fsync_dir(directory)  # the file's name must survive a power loss, as its data will
-        except OSError:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        return gzipfile.OpenFile(tenant, path, float(created), mono, fd)
-
-    def _dir(self, kind: str, tenant: Tenant) -> Path:
-        name = tenant_dir(tenant)
-        assert name is not None  # put() refused such a tenant; recovery skips such directories
-        path = self.root / kind / name
-        if not path.is_dir():
-            self.root.parent.mkdir(parents=True, exist_ok=True)
-            for level in (self.root, self.root / kind, path):
-                level.mkdir(mode=0o700, exist_ok=True)
-        return path
 
     async def _rotate(self, due_only: bool) -> None:
         await self._flush()
@@ -361,7 +276,7 @@ class Buffer:
                 if f.broken:
                     failed[f.path] = f.size
                 elif f.records:
-                    staged.append(self._publish(f))
+                    staged.append(self._layout.publish(f))
                 else:  # every write to it failed
                     f.path.unlink(missing_ok=True)
             except OSError as exc:
@@ -369,106 +284,27 @@ class Buffer:
                 failed[f.path] = f.size
         for path, size in stuck.items():
             try:
-                tenant = _tenant_of(path.parent.name)
+                tenant = tenant_of(path.parent.name)
                 assert tenant is not None  # a file this buffer opened
-                result = self._salvage(path, tenant, size)
+                result = self._layout.salvage(path, tenant, size)
             except OSError as exc:
                 log.warning("analytics: cannot salvage %s: %s", path, exc)
                 failed[path] = size
                 continue
             if isinstance(result, StagedFile):
                 staged.append(result)
-        return staged, reopened, failed
-
-    def _publish(self, f: gzipfile.OpenFile) -> StagedFile:
-        directory = self._dir("staging", f.tenant)
-        target = directory / f"{f.path.name[:-3]}-{f.records}.gz"
-        gzipfile.replace(f.path, target)
-        gzipfile.sync_renamed(directory, f.path.parent)
-        return StagedFile(target, f.tenant, f.records, f.size, f.created)
-
-    def _salvage(
-        self, src: Path, tenant: Tenant, limit: int | None = None
-    ) -> StagedFile | Literal["empty", "corrupt"]:
-        """Stage the complete lines of a file that was not closed (a crash, a failed close; its first
-        limit bytes) or that the Go adapter staged; quarantine it when nothing in it is readable."""
-        directory = self._dir("staging", tenant)
-        ours = _OPEN.fullmatch(src.name)
-        if ours:
-            stem, created = src.name[:-3], int(ours[1])
-            done = next(directory.glob(f"{stem}-*.gz"), None)
-            if done is not None:  # staged before a crash (or a failed unlink) left the source behind
-                src.unlink(missing_ok=True)
-                return _staged_file(done, tenant) or "empty"
-        else:
-            foreign = _FOREIGN.fullmatch(src.name)
-            created = int(foreign[1]) if foreign else int(src.stat().st_mtime)
-            stem = f"{created}-{secrets.token_hex(4)}"
-        tmp = directory / f"{stem}.gz.tmp"
-        state, records = gzipfile.recompress(src, tmp, limit)
-        if records == 0:
-            tmp.unlink()
-            if state == "corrupt":
-                self._set_aside(src, tenant)
+            elif result == "corrupt":
                 self._metrics.analytics_quarantined.labels(self._org, "corrupt").inc()
-                log.warning("analytics: %s has nothing readable: quarantined", src)
-                return "corrupt"
-            src.unlink()
-            return "empty"
-        if state == "corrupt":
-            log.warning("analytics: %s is damaged: %d records before the damage kept", src, records)
-        target = directory / f"{stem}-{records}.gz"
-        gzipfile.replace(tmp, target)
-        gzipfile.sync_renamed(directory)
-        src.unlink()
-        gzipfile.sync_renamed(src.parent)
-        return StagedFile(target, tenant, records, _size(target), float(created))
-
-    def _set_aside(self, path: Path, tenant: Tenant) -> None:
-        gzipfile.replace(path, self._dir("quarantine", tenant) / path.name)
+        return staged, reopened, failed
 
     async def _recover(self) -> None:
         in_use = {f.path for f in self._open.values()} | set(self._stuck)
-        staged, corrupt = await asyncio.to_thread(self._scan, in_use)
+        staged, corrupt = await asyncio.to_thread(self._layout.scan, in_use)
+        if corrupt:
+            self._metrics.analytics_quarantined.labels(self._org, "corrupt").inc(corrupt)
         self._add(staged)
         log.info("analytics: %d files staged, %d quarantined after recovery", len(self._staged), corrupt)
         await self._apply_cap()
-
-    def _scan(self, in_use: set[Path]) -> tuple[list[StagedFile], int]:
-        """In the worker thread: the staged files, salvaging the temp ones (but those this buffer has
-        open) and foreign staged ones."""
-        staged: list[StagedFile] = []
-        salvage: list[tuple[Path, Tenant]] = []
-        for path, tenant in self._files("staging"):
-            if path.name.endswith(".tmp"):
-                path.unlink()  # a salvage cut short: its source is still there
-            elif found := _staged_file(path, tenant):
-                staged.append(found)
-            else:
-                salvage.append((path, tenant))
-        salvage += [(path, tenant) for path, tenant in self._files("temp") if path not in in_use]
-        corrupt = 0
-        for path, tenant in salvage:
-            try:
-                result = self._salvage(path, tenant)
-            except OSError as exc:  # left in place for the next start
-                log.error("analytics: cannot salvage %s: %s", path, exc)
-                continue
-            if isinstance(result, StagedFile):
-                staged.append(result)
-            corrupt += result == "corrupt"
-        return staged, corrupt
-
-    def _files(self, kind: str) -> list[tuple[Path, Tenant]]:
-        found = []
-        base = self.root / kind
-        for directory in sorted(base.iterdir()) if base.is_dir() else ():
-            tenant = _tenant_of(directory.name)
-            if tenant is None or not directory.is_dir():
-                log.warning("analytics: %s is not an org~env directory: ignored", directory)
-                continue
-            found += [(path, tenant) for path in sorted(directory.iterdir()) if path.is_file()]
-        return found
 
     # --- the uploader's side --------------------------------------------------------------------------
 
@@ -490,7 +326,7 @@ class Buffer:
         """
         if file.path not in self._staged:
             return  # dropped by the disk cap, or done
-        self._set_aside(file.path, file.tenant)
+        self._layout.set_aside(file.path, file.tenant)
         del self._staged[file.path]
         self._drop("quarantined", file.records)
         log.info("analytics: %s set aside (%s), %d records", file.path, reason, file.records)
@@ -534,12 +370,6 @@ class Buffer:
         self._metrics.analytics_oldest_staged.labels(org).set(age)
 
 
-def _staged_file(path: Path, tenant: Tenant) -> StagedFile | None:
-    """A file this buffer staged, described by its name; None for another name."""
-    ours = _STAGED.fullmatch(path.name)
-    return StagedFile(path, tenant, int(ours[3]), _size(path), float(ours[1])) if ours else None
-
-
 def _until(files: list[StagedFile], excess: int) -> Iterator[StagedFile]:
     for f in files:
         if excess <= 0:
@@ -551,13 +381,6 @@ def _until(files: list[StagedFile], excess: int) -> Iterator[StagedFile]:
 def _unlink_all(paths: list[Path]) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -388,6 +388,27 @@ async def test_a_file_that_cannot_be_renamed_is_salvaged_at_the_next_rotation(
     assert accepted(metrics) == 4 and dropped(metrics, "disk_full") == 0
 
 
+async def test_a_stuck_file_found_unreadable_at_its_salvage_is_quarantined_and_counted(
+    make, metrics, monkeypatch, tmp_path
+):
+    buf = make()
+    put_all(buf, PROD, lines(4))
+
+    def no_rename(src: Path, dst: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gzipfile, "replace", no_rename)
+    await buf.rotate()
+    monkeypatch.undo()
+    (stuck,) = files(tmp_path, "temp")
+    stuck.write_bytes(b"\0" * stuck.stat().st_size)  # damaged on disk before the next try
+    await buf.rotate()
+
+    assert buf.staged() == [] and files(tmp_path, "temp") == []
+    assert [p.name for p in files(tmp_path, "quarantine")] == [stuck.name]
+    assert count(metrics, "analytics_files_quarantined_total", reason="corrupt") == 1
+
+
 async def test_an_unwritable_temp_dir_drops_and_counts(tmp_path, clock, metrics):
     (tmp_path / "file").write_text("not a directory")
     buf = Buffer(tmp_path / "file", "org", metrics, clock)
@@ -568,7 +589,7 @@ async def test_recovery_is_idempotent_across_a_crash_inside_it(tmp_path, clock):
     (staged,) = buf.staged()
     leave(tmp_path, PROD, data)  # as if the process died after the rename, before deleting the source
     leave(tmp_path, PROD, b"partial", name=f"{source.name}.tmp", kind="staging")  # and a salvage cut short
-    buf._unlock()  # the process "died": the OS releases its lock
+    buf._layout.unlock()  # the process "died": the OS releases its lock
 
     again = Buffer(tmp_path, "org", new_metrics(), clock)
     await again.recover()
