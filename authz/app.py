@@ -145,6 +145,7 @@ class _Analytics:
             org,
             metrics,
             clock,
+            flush_interval=config.analytics.flush_interval,
             collection_interval=config.analytics.collection_interval,
             max_bytes=config.analytics.disk_limit_mb << 20,
             max_files=config.analytics.file_limit,
@@ -155,7 +156,7 @@ class _Analytics:
         self.uploader: Uploader[Any] | None = None
         self.google: GoogleTokens | None = None
         if apigee is not None and config.tenant.gcp_managed:
-            self.google = google_tokens_from(config, clock)
+            self.google = google_tokens_from(config, clock, metrics)
         self._client = client = _analytics_client(config, metrics, apigee, self.google)
         if client is not None:
             self.uploader = Uploader(self.buffer, client, org, metrics, clock)
@@ -192,18 +193,19 @@ class _Analytics:
             await self._client.aclose()
 
 
-def google_tokens_from(config: Config, clock: Clock) -> GoogleTokens:
+def google_tokens_from(config: Config, clock: Clock, metrics: Metrics | None = None) -> GoogleTokens:
     """The Google credentials of Apigee X/hybrid analytics: the analytics Secret's service account, else
     Application Default Credentials (searched at start). A Secret google-auth cannot use fails start-up."""
+    org = config.tenant.org_name
     if config.analytics_secret_json is None:
-        return GoogleTokens(clock, timeout=config.tenant.client_timeout)
+        return GoogleTokens(clock, timeout=config.tenant.client_timeout, metrics=metrics, org=org)
     try:
         credentials = service_account_credentials(config.analytics_secret_json)
     except ValueError as exc:
         raise ConfigError(config.path, "analytics_secret", f"client_secret.json: {exc}") from None
     email = getattr(credentials, "service_account_email", None) or type(credentials).__name__
     log.info("Google credentials for analytics: service account %s", email)
-    return GoogleTokens(clock, credentials, timeout=config.tenant.client_timeout)
+    return GoogleTokens(clock, credentials, timeout=config.tenant.client_timeout, metrics=metrics, org=org)
 
 
 def _analytics_client(

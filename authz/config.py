@@ -54,6 +54,8 @@ DEFAULT_PRODUCTS_REFRESH = 120.0
 DEFAULT_ANALYTICS_FILE_LIMIT = 1024
 DEFAULT_ANALYTICS_SEND_CHANNEL_SIZE = 10
 DEFAULT_ANALYTICS_COLLECTION_INTERVAL = 120.0
+DEFAULT_ANALYTICS_FLUSH_INTERVAL = 1.0
+MIN_ANALYTICS_FLUSH_INTERVAL = 0.01
 DEFAULT_ANALYTICS_DISK_LIMIT_MB = 1024
 DEFAULT_API_KEY_CACHE_DURATION = 1800.0
 DEFAULT_API_KEY_HEADER = "x-api-key"
@@ -153,6 +155,7 @@ class AnalyticsConfig:
     send_channel_size: int = DEFAULT_ANALYTICS_SEND_CHANNEL_SIZE
     collection_interval: float = DEFAULT_ANALYTICS_COLLECTION_INTERVAL
     disk_limit_mb: int = DEFAULT_ANALYTICS_DISK_LIMIT_MB  # NEW: analytics files on disk; oldest dropped
+    flush_interval: float = DEFAULT_ANALYTICS_FLUSH_INTERVAL  # NEW: a record is durable at most this late
     endpoint: str = ""  # NEW: standalone only: POST each staged analytics file to this http(s) URL
 
 
@@ -517,14 +520,21 @@ def _products(s: _Section) -> ProductsConfig:
 
 
 def _analytics(s: _Section) -> AnalyticsConfig:
+    collection = s.duration(
+        "collection_interval", DEFAULT_ANALYTICS_COLLECTION_INTERVAL, MIN_COLLECTION_INTERVAL
+    )
+    flush = s.duration("flush_interval", DEFAULT_ANALYTICS_FLUSH_INTERVAL, MIN_ANALYTICS_FLUSH_INTERVAL)
+    if flush > collection:
+        raise s.error(
+            "flush_interval", f"must be at most collection_interval ({format_duration(collection)})"
+        )
     return AnalyticsConfig(
         legacy_endpoint=s.flag("legacy_endpoint"),
         file_limit=s.integer("file_limit", DEFAULT_ANALYTICS_FILE_LIMIT, 1),
         send_channel_size=s.integer("send_channel_size", DEFAULT_ANALYTICS_SEND_CHANNEL_SIZE, 1),
-        collection_interval=s.duration(
-            "collection_interval", DEFAULT_ANALYTICS_COLLECTION_INTERVAL, MIN_COLLECTION_INTERVAL
-        ),
+        collection_interval=collection,
         disk_limit_mb=s.integer("disk_limit_mb", DEFAULT_ANALYTICS_DISK_LIMIT_MB, 1),
+        flush_interval=flush,
         endpoint=_endpoint_url(s),
     )
 

@@ -18,7 +18,8 @@ ones), measured on the injected ``Clock``. Every HTTP call google-auth makes thr
 Errors are ``ApigeeUnavailable``, so the uploader backs off and the files stay staged: transport errors and
 retryable token-endpoint answers plainly; credentials the token endpoint refuses (``invalid_grant``, a
 deleted key, ...) and no credentials at all with the 5-minute ``CREDENTIALS_PAUSE``, like a 401/403 from
-``datalocation``. Neither the token nor the key is ever logged or put in an error message.
+``datalocation``. Neither the token nor the key is ever logged or put in an error message. Each refresh is
+timed in ``apigee_requests_seconds{api="token"}`` (code ``200`` or ``error``: google-auth hides the status).
 Imports google-auth and requests (its transport); no httpx.
 """
 
@@ -42,6 +43,7 @@ from google.oauth2 import service_account
 from authz.apigee.analytics import CREDENTIALS_PAUSE
 from authz.clock import Clock
 from authz.errors import ApigeeUnavailable
+from authz.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +111,16 @@ class GoogleTokens:
         credentials: the service account's (see ``service_account_credentials``); None: look for
             Application Default Credentials at ``load()`` (or at the first call).
         timeout: seconds per HTTP call of google-auth.
+        metrics, org: where refreshes are timed (none without metrics).
     """
 
     def __init__(
-        self, clock: Clock, credentials: Credentials | None = None, *, timeout: float = DEFAULT_TIMEOUT
-    ) -> None:
+        self, clock: Clock, credentials: Credentials | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+        metrics: Metrics | None = None, org: str = "",
+    ) -> None:  # fmt: skip
         self._clock = clock
+        self._metrics = metrics
+        self._org = org
         self._credentials = credentials
         self._searched = credentials is not None  # ADC looked for (or not needed)
         self.source = "service_account" if credentials is not None else "none"
@@ -178,8 +184,10 @@ class GoogleTokens:
         creds = self._credentials
         assert creds is not None
         started = self._clock.monotonic()
+        timer, code = time.perf_counter(), "error"
         try:
             token, expiry = await asyncio.to_thread(self._refresh_sync, creds)
+            code = "200"
         except google.auth.exceptions.RefreshError as exc:
             # Retryable: the token endpoint's 5xx/429 (after google-auth's own retries). Otherwise the
             # endpoint refused these credentials: pause uploads as for a 401/403 from datalocation.
@@ -187,6 +195,10 @@ class GoogleTokens:
             raise ApigeeUnavailable(f"Google token refresh: {_detail(exc)}", pause) from None
         except (google.auth.exceptions.GoogleAuthError, requests.RequestException) as exc:
             raise ApigeeUnavailable(f"Google token refresh: {type(exc).__name__}: {_detail(exc)}") from None
+        finally:
+            if self._metrics is not None:
+                elapsed = time.perf_counter() - timer
+                self._metrics.apigee_requests.labels(self._org, "", "token", code, "POST").observe(elapsed)
         lifetime = float("inf") if expiry is None else expiry - time.time()  # google-auth's own wall clock
         margin = min(REFRESH_MARGIN, lifetime / 2)
         self._token, self._fresh_until = token, started + lifetime - margin

@@ -63,11 +63,18 @@ def test_dataclass_defaults_match_the_named_constants() -> None:
     )
     assert (t.client_timeout, t.catalog_poll_interval) == (30.0, 2.0)
     assert p.refresh_rate == cfg.DEFAULT_PRODUCTS_REFRESH == 120.0
-    assert (a.legacy_endpoint, a.file_limit, a.send_channel_size, a.collection_interval) == (
+    assert (
+        a.legacy_endpoint,
+        a.file_limit,
+        a.send_channel_size,
+        a.collection_interval,
+        a.flush_interval,
+    ) == (
         False,
         1024,
         10,
         120.0,
+        1.0,
     )
     assert (u.api_key_cache_duration, u.api_key_header, u.api_header) == (1800.0, "x-api-key", ":authority")
 
@@ -109,6 +116,7 @@ def test_full_config_sets_every_key() -> None:
             file_limit=10,
             send_channel_size=3,
             collection_interval=10.0,
+            flush_interval=0.25,
             endpoint="https://collector.example.com/analytics",
         ),
         auth=AuthConfig(
@@ -564,6 +572,7 @@ def test_effective_config_renders_the_file_shape_and_loads_back(tmp_path: Path) 
             "send_channel_size": 10,
             "collection_interval": "2m0s",
             "disk_limit_mb": 1024,
+            "flush_interval": "1s",
             "endpoint": "",
         },
         "auth": {
@@ -654,6 +663,10 @@ INVALID = {
     "invalid_collection_interval_below_minimum.yaml": (
         "analytics.collection_interval: must be at least 1s, got 500ms"
     ),
+    "invalid_flush_interval_above_collection_interval.yaml": (
+        "analytics.flush_interval: must be at most collection_interval (5s)"
+    ),
+    "invalid_flush_interval_below_minimum.yaml": "analytics.flush_interval: must be at least 10ms, got 1ms",
     "invalid_duplicate_key.yaml": "invalid YAML at line 4, column 3: duplicate key 'env_name'",
     "invalid_duration_number.yaml": (
         'tenant.client_timeout: expected a duration string such as "30s" or "2m", got integer'

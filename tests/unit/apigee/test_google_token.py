@@ -13,6 +13,7 @@ import pytest
 from authz.apigee.analytics import CREDENTIALS_PAUSE
 from authz.apigee.google_token import GoogleTokens, service_account_credentials
 from authz.errors import ApigeeUnavailable
+from authz.metrics import new_metrics
 from tests.fakes.apigee import FakeApigee
 from tests.support.apigee_config import new_service_account
 from tests.support.clock import FakeClock
@@ -50,6 +51,24 @@ async def test_a_token_is_fetched_once_and_reused_until_near_expiry(oauth, clock
     second = await tokens()
     assert second != first and second == fake.google_tokens_issued[1]
     assert fake.calls["oauth_token"] == 2
+    tokens.close()
+
+
+async def test_every_refresh_is_timed_by_outcome(oauth, clock):
+    fake, account = oauth
+    metrics = new_metrics()
+    tokens = tokens_for(account, clock, metrics=metrics, org="org")
+    await tokens()
+    fake.drop_next("oauth_token")
+    clock.advance(3600)
+    with pytest.raises(ApigeeUnavailable):
+        await tokens()
+
+    def refreshes(code: str) -> float | None:
+        labels = {"org": "org", "env": "", "api": "token", "code": code, "method": "POST"}
+        return metrics.registry.get_sample_value("apigee_requests_seconds_count", labels)
+
+    assert (refreshes("200"), refreshes("error")) == (1, 1)
     tokens.close()
 
 
