@@ -146,9 +146,12 @@ class _Builder:
 
     def drop_duplicates(self) -> None:
         for key in self._seen_twice:
-            if self._index.entries.pop(key, None) is not None:
-                log.warning("key index: a consumer key listed by two credentials: left out")
-                self._index.skipped += 2
+            del self._index.entries[key]
+            self._index.skipped += 2
+        if self._seen_twice:
+            log.warning(
+                "key index: %d consumer keys listed by two credentials: left out", len(self._seen_twice)
+            )
 
     def _developer(self, app: Mapping[str, Any]) -> Developer | None:
         dev_id, email = _text(app, "developerId"), _text(app, "developerEmail")

@@ -41,6 +41,34 @@ Google's 400 `{"error": "invalid_grant" | "invalid_scope" | ..., "error_descript
 (`google_tokens_issued`) live `google_token_ttl` seconds. `datalocation` accepts exactly the issued tokens
 that have not expired and `google_token` if set; with neither a `google_token` nor a registered service
 account it takes any Bearer token. Fault knob: `oauth_token`.
+Management API (Apigee X, standing for `https://apigee.googleapis.com`; `FakeServer.management_url`), the
+developers, apps and credentials in `fake.directory` (apigee_management.py). `/verifyApiKey` and
+`/remote-token/token` answer from the same state, so a listing and a key check always agree:
+
+    GET  /v1/organizations/{org}/apps?expand=true&includeCred=true&pageSize=N&pageToken=T   Google Bearer
+         -> {"app": [App...], "nextPageToken": T'}   by appId; pageSize 0/absent = `apps_page_max` (1000),
+            larger is clamped; no nextPageToken on the last page; without expand=true [{"appId"}] only,
+            without includeCred=true no "credentials"; a pageToken not handed out -> 400 INVALID_ARGUMENT
+    GET  /v1/organizations/{org}/apps/{appId}      -> App with credentials; unknown -> 404 NOT_FOUND
+    GET  /v1/organizations/{org}/developers?expand=true&count=N&startKey=EMAIL
+         -> {"developer": [Developer...]} by email, from startKey on (**inclusive**, as Apigee documents),
+            count 0/absent = 1000, larger is clamped; without expand=true [{"email"}] only
+
+    App        {"appId","name","developerId","developerEmail","status": approved|revoked,"createdAt",
+                "lastModifiedAt","attributes": [],"credentials": [Credential...]}      (times: ms strings)
+    Credential {"consumerKey","consumerSecret","status": approved|revoked,"expiresAt": ms string, "-1" never,
+                "issuedAt","apiProducts": [{"apiproduct","status": approved|revoked|pending}],"scopes": [],
+                "attributes": []}
+    Developer  {"email","developerId","status": active|inactive,"firstName","lastName","userName",
+                "createdAt","lastModifiedAt","apps": [app names],"attributes": []}
+
+Arrange it with `add_developer`, `add_app`, `add_credential`, the `set_*_status` / `set_credential_expiry`
+knobs and `delete_credential` (or `add_key` / `revoke_key`). A key verifies iff its credential is approved
+and unexpired (fake clock), its app approved and its developer active; `api_product_list` holds its approved
+products. Auth is the Google Bearer token `datalocation` takes (401 UNAUTHENTICATED); an org other than
+the fake's is a 404 NOT_FOUND. Errors are Google's `{"error": {"code", "message", "status"}}`. Fault knobs
+take the endpoint names `apps`, `app` and `developers`.
+
 Not covered: `{base}/version`, `{base}/rotate`, `Expect: 100-continue`; over loopback, bodies over 1 MiB get
 413 (http_server.MAX_BODY).
 
@@ -63,7 +91,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -77,12 +105,21 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from tests.fakes.apigee_management import (
+    NEVER,
+    PAGE_MAX,
+    Directory,
+    app_json,
+    developer_json,
+    parse_limit,
+)
 from tests.fakes.http_server import ConnectionDropped, LoopbackServer
 
 ENDPOINTS = frozenset(
     {
         "products", "verifyApiKey", "certs", "token", "quotas",
         "analytics_url", "datalocation", "signed_put", "axpublisher", "oauth_token",
+        "apps", "app", "developers",
     }
 )  # fmt: skip
 AUDIENCE = "remote-service-client"
@@ -92,6 +129,7 @@ INVALID_API_KEY = {
 }
 INVALID_REQUEST = {"error": "invalid_request", "error_description": "invalid request"}
 UNAUTHORIZED = {"error": "unauthorized"}
+UNAUTHENTICATED = "Request had invalid authentication credentials."
 # The GCP proxy's Quota policy is type="calendar" with StartTime 2019-01-01 00:00:00 (DistributedQuota.xml).
 QUOTA_START = datetime(2019, 1, 1, tzinfo=UTC)
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -103,15 +141,6 @@ CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # the aud google-auth puts in every assertion
 ASSERTION_LEEWAY = 300.0
 _Answer = Callable[[httpx.Request], httpx.Response]
-
-
-@dataclass
-class _Key:
-    app: str
-    developer_email: str
-    products: list[str]
-    client_id: str
-    status: str
 
 
 @dataclass
@@ -171,7 +200,8 @@ def quota_window(now: float, time_unit: str, interval: int) -> tuple[float, floa
 
 
 class FakeApigee:
-    """The control plane. Tests arrange state with `set_products`/`add_key` and assert on `calls`."""
+    """The control plane. Tests arrange state with `set_products`, `add_key` or the developer/app/credential
+    methods, and assert on `calls`."""
 
     def __init__(
         self,
@@ -198,7 +228,8 @@ class FakeApigee:
         self._policy_keys = jwt.PyJWKSet.from_dict(policy_jwks) if policy_jwks is not None else None
         self.calls: collections.Counter[str] = collections.Counter()
         self.last_headers: dict[str, dict[str, str]] = {}
-        self._keys: dict[str, _Key] = {}
+        self.directory = Directory(org, clock)  # developers, apps, credentials: the one source of API keys
+        self.apps_page_max = PAGE_MAX  # default and largest pageSize of the apps listing
         self._quotas: dict[str, tuple[float, int]] = {}  # identifier -> (window end, count)
         self._drops: collections.Counter[str] = collections.Counter()
         self._fails: dict[str, collections.deque[_Canned]] = collections.defaultdict(collections.deque)
@@ -236,11 +267,15 @@ class FakeApigee:
         ia = re.escape(self.internal_path)
         tenant = "organization/(?P<org>[^/]+)/environment/(?P<env>[^/]+)"  # the Go adapter's analyticsPath
         datalocation = "/v1/organizations/(?P<org>[^/]+)/environments/(?P<env>[^/]+)/datalocation"
+        management = "/v1/organizations/(?P<org>[^/]+)"
         self._patterns: list[tuple[re.Pattern[str], str, str, Callable[..., httpx.Response]]] = [
             (re.compile(f"{ia}/analytics/{tenant}"), "analytics_url", "GET", self._legacy_signed_url),
             (re.compile(datalocation), "datalocation", "GET", self._datalocation),
             (re.compile("/signed/(?P<url_id>[^/]+)"), "signed_put", "PUT", self._signed_put),
             (re.compile(f"{ia}/axpublisher/{tenant}"), "axpublisher", "POST", self._axpublisher),
+            (re.compile(f"{management}/apps"), "apps", "GET", self._list_apps),
+            (re.compile(f"{management}/apps/(?P<app_id>[^/]+)"), "app", "GET", self._get_app),
+            (re.compile(f"{management}/developers"), "developers", "GET", self._list_developers),
         ]
 
     # -- state -----------------------------------------------------------------------------------------
@@ -261,11 +296,58 @@ class FakeApigee:
         client_id: str | None = None,
         status: str = "approved",
     ) -> None:
-        """Add (or replace) an API key; the real GCP proxy uses the key itself as `client_id`."""
-        self._keys[api_key] = _Key(app, developer_email, list(products), client_id or api_key, status)
+        """Add (or replace) an API key, every product approved, in the developer's app `app` (both created
+        active/approved when missing); the real GCP proxy uses the key itself as `client_id`."""
+        self.directory.put_key(
+            api_key,
+            app=app,
+            developer_email=developer_email,
+            products=products,
+            client_id=client_id,
+            status=status,
+        )
 
     def revoke_key(self, api_key: str) -> None:
-        self._keys[api_key].status = "revoked"
+        self.directory.set_credential_status(api_key, "revoked")
+
+    def add_developer(self, email: str, status: str = "active") -> str:
+        """Add a developer (email lowercased, unique); returns its developerId."""
+        return self.directory.add_developer(email, status)
+
+    def add_app(self, name: str, developer_email: str, status: str = "approved") -> str:
+        """Add an app to a developer (created active when missing); returns its appId."""
+        return self.directory.add_app(name, developer_email, status)
+
+    def add_credential(
+        self,
+        app_id: str,
+        consumer_key: str,
+        products: Mapping[str, str] | list[str],
+        status: str = "approved",
+        expires_at_ms: int = NEVER,
+        client_id: str | None = None,
+    ) -> None:
+        """Add a key (unique in the org) to an app; `products` as a list are all approved."""
+        self.directory.add_credential(app_id, consumer_key, products, status, expires_at_ms, client_id)
+
+    def set_developer_status(self, email: str, status: str) -> None:
+        self.directory.set_developer_status(email, status)
+
+    def set_app_status(self, app_id: str, status: str) -> None:
+        self.directory.set_app_status(app_id, status)
+
+    def set_credential_status(self, consumer_key: str, status: str) -> None:
+        self.directory.set_credential_status(consumer_key, status)
+
+    def set_credential_product_status(self, consumer_key: str, product: str, status: str) -> None:
+        self.directory.set_credential_product_status(consumer_key, product, status)
+
+    def set_credential_expiry(self, consumer_key: str, expires_at_ms: int) -> None:
+        """Expire the key at `expires_at_ms` (epoch ms, the fake's clock); -1 = never."""
+        self.directory.set_credential_expiry(consumer_key, expires_at_ms)
+
+    def delete_credential(self, consumer_key: str) -> None:
+        self.directory.delete_credential(consumer_key)
 
     def add_service_account(self, client_email: str, public_key: Any) -> None:
         """Let `client_email` get Google access tokens at `/token`; `public_key` (PEM or a key object)
@@ -422,16 +504,16 @@ class FakeApigee:
         api_key = _body(request).get("apiKey")
         if not isinstance(api_key, str) or not api_key:
             return _json(400, INVALID_REQUEST)
-        key = self._keys.get(api_key)
-        if key is None or key.status != "approved":
+        key = self.directory.verify(api_key)
+        if key is None:
             return _json(401, INVALID_API_KEY)
         claims = {
             "iss": f"{_origin(request)}{self.base_path}/verifyApiKey",
-            "client_id": key.client_id,
-            "api_product_list": list(key.products),
-            "application_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.org}/{key.app}")),
-            "application_name": key.app,
-            "developer_email": key.developer_email,
+            "client_id": key.credential.client_id,
+            "api_product_list": key.products,
+            "application_id": key.app.app_id,
+            "application_name": key.app.name,
+            "developer_email": key.app.developer_email,
         }
         return _json(200, {"token": self._sign(claims)}, {"Cache-Control": "no-store"})
 
@@ -442,16 +524,16 @@ class FakeApigee:
         form = _body(request)
         if form.get("grant_type") != "client_credentials":
             return _json(400, {"error": "unsupported_grant_type", "error_description": "invalid grant type"})
-        key = self._keys.get(form.get("client_id") or "")
-        if key is None or key.status != "approved" or not form.get("client_secret"):
+        key = self.directory.verify(form.get("client_id") or "")
+        if key is None or not form.get("client_secret"):
             return _json(401, {"error": "invalid_client", "error_description": "invalid client credentials"})
         claims = {
             "iss": f"{_origin(request)}/remote-token/token",
-            "client_id": key.client_id,
+            "client_id": key.credential.client_id,
             "access_token": secrets.token_urlsafe(21),
-            "api_product_list": list(key.products),
-            "application_name": key.app,
-            "developer_email": key.developer_email,
+            "api_product_list": key.products,
+            "application_name": key.app.name,
+            "developer_email": key.app.developer_email,
             "scope": "",
         }
         ttl = int(self.token_ttl)
@@ -510,15 +592,18 @@ class FakeApigee:
         return self._issue(request, _SignedUrl(org, env, relative, "legacy"))
 
     def _datalocation(self, request: httpx.Request, org: str, env: str) -> httpx.Response:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token or not self._google_authorized(token):
-            return _google_error(401, "Request had invalid authentication credentials.", "UNAUTHENTICATED")
+        if not self._google_bearer(request):
+            return _google_error(401, UNAUTHENTICATED, "UNAUTHENTICATED")
         query = request.url.params
         relative = query.get("relative_file_path", "")
         name = rf"\d+\.api\.{re.escape(org)}\.{re.escape(env)}\.{_UUID}\.gz"
         if query.get("dataset") != "api" or query.get("repo") != "edge" or not re.fullmatch(name, relative):
             return _google_error(400, "Request contains an invalid argument.", "INVALID_ARGUMENT")
         return self._issue(request, _SignedUrl(org, env, relative, "gcp"))
+
+    def _google_bearer(self, request: httpx.Request) -> bool:
+        scheme, _, token = str(request.headers.get("authorization", "")).partition(" ")
+        return scheme.lower() == "bearer" and bool(token) and self._google_authorized(token)
 
     def _google_authorized(self, token: str) -> bool:
         if token == self.google_token:
@@ -573,6 +658,59 @@ class FakeApigee:
         return _json(
             200, {"access_token": token, "expires_in": int(self.google_token_ttl), "token_type": "Bearer"}
         )
+
+    # -- management API (Apigee X) ---------------------------------------------------------------------
+
+    def _management_refusal(self, request: httpx.Request, org: str) -> httpx.Response | None:
+        """Google's answer when the caller may not list `org` (auth first, like Google); None to go on."""
+        if not self._google_bearer(request):
+            return _google_error(401, UNAUTHENTICATED, "UNAUTHENTICATED")
+        if org != self.org:
+            return _google_error(404, f'Organization "{org}" not found.', "NOT_FOUND")
+        return None
+
+    def _list_apps(self, request: httpx.Request, org: str) -> httpx.Response:
+        if (refusal := self._management_refusal(request, org)) is not None:
+            return refusal
+        query = request.url.params
+        try:
+            size = parse_limit(query.get("pageSize"), "pageSize", self.apps_page_max)
+            apps, next_token = self.directory.list_apps(size, query.get("pageToken", ""))
+        except ValueError as exc:
+            return _google_error(400, str(exc), "INVALID_ARGUMENT")
+        if _flag(request, "expand"):
+            credentials = _flag(request, "includeCred")
+            body: dict[str, Any] = {"app": [app_json(a, credentials=credentials) for a in apps]}
+        else:
+            body = {"app": [{"appId": a.app_id} for a in apps]}
+        if next_token:
+            body["nextPageToken"] = next_token
+        return _json(200, body)
+
+    def _get_app(self, request: httpx.Request, org: str, app_id: str) -> httpx.Response:
+        if (refusal := self._management_refusal(request, org)) is not None:
+            return refusal
+        app = self.directory.apps.get(app_id)
+        if app is None:
+            return _google_error(404, f'App "{app_id}" not found.', "NOT_FOUND")
+        return _json(200, app_json(app, credentials=True))
+
+    def _list_developers(self, request: httpx.Request, org: str) -> httpx.Response:
+        if (refusal := self._management_refusal(request, org)) is not None:
+            return refusal
+        query = request.url.params
+        try:
+            count = parse_limit(query.get("count"), "count")
+        except ValueError as exc:
+            return _google_error(400, str(exc), "INVALID_ARGUMENT")
+        developers = self.directory.list_developers(count, query.get("startKey", ""))
+        if _flag(request, "expand"):
+            found = [developer_json(d, self.directory.app_names(d)) for d in developers]
+        else:
+            found = [{"email": d.email} for d in developers]
+        return _json(200, {"developer": found})
+
+    # -- analytics storage -----------------------------------------------------------------------------
 
     def _signed_put(self, request: httpx.Request, url_id: str) -> httpx.Response:
         signed = self._signed.get(url_id)
@@ -636,6 +774,7 @@ class FakeServer:
         self.remote_service_url = server.base_url + base_path
         self.internal_api_url = server.base_url + internal_path  # tenant.internal_api (legacy analytics)
         self.analytics_url = server.base_url  # stands for https://apigee.googleapis.com (datalocation)
+        self.management_url = server.base_url  # the same host: /v1/organizations/{org}/apps, /developers
 
     async def close(self) -> None:
         await self._server.close()
@@ -654,6 +793,10 @@ def _check(endpoint: str, count: int) -> None:
         raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {sorted(ENDPOINTS)}")
     if count < 1:
         raise ValueError("count must be at least 1")
+
+
+def _flag(request: httpx.Request, name: str) -> bool:
+    return str(request.url.params.get(name, "")).lower() == "true"
 
 
 def _origin(request: httpx.Request) -> str:
