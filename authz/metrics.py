@@ -77,6 +77,9 @@ class Metrics:
     products_cached: Gauge
     credentials_cached: Gauge
     catalog_reloads: Counter
+    key_syncs: Counter
+    key_index_keys: Gauge
+    key_index_synced: Gauge
     catalog_loaded_timestamp: Gauge
     ready: Gauge
     apigee_requests: LoopHistogram
@@ -139,6 +142,22 @@ def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
             "catalog_reloads",
             "Catalog loads by result (ok, unchanged, error, snapshot_error); errors keep the last good one.",
             ["org", "result"],
+            registry=registry,
+        ),
+        key_syncs=Counter(
+            "key_syncs",
+            "Full listings of apps and keys from the management API by result (ok, error, snapshot_error).",
+            ["org", "result"],
+            registry=registry,
+        ),
+        key_index_keys=Gauge(
+            "key_index_keys", "API keys in the local key index.", ["org"], registry=registry
+        ),
+        key_index_synced=Gauge(
+            "key_index_synced_timestamp_seconds",
+            "When the key index in use was listed from Apigee (epoch seconds): a revocation there takes "
+            "effect here by the next sync.",
+            ["org"],
             registry=registry,
         ),
         catalog_loaded_timestamp=Gauge(

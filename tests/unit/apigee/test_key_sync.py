@@ -1,0 +1,223 @@
+"""ManagementClient and KeySync against FakeApigee's management API as an httpx transport."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+import pytest
+
+from authz.apigee.key_index import digest
+from authz.apigee.key_sync import KeySync
+from authz.apigee.management import PAGE_SIZE, ManagementClient
+from authz.errors import ApigeeRejected, ApigeeUnavailable
+from authz.metrics import new_metrics
+from tests.fakes.apigee import FakeApigee
+from tests.support.clock import FakeClock
+
+GOOGLE = "http://googleapis.test"
+TOKEN = "ya29.management"
+
+
+@pytest.fixture
+def fake():
+    return FakeApigee(google_token=TOKEN)
+
+
+@pytest.fixture
+def metrics():
+    return new_metrics()
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+async def client(fake, metrics):
+    async def token() -> str:
+        return TOKEN
+
+    async with httpx.AsyncClient(transport=fake.transport(), timeout=2) as http:
+        yield ManagementClient(http, GOOGLE, "org", token, metrics)
+
+
+def sync_for(client, metrics, clock, tmp_path=None, **kw) -> KeySync:
+    path = None if tmp_path is None else str(tmp_path / "keys.json")
+    return KeySync(client, "org", metrics, clock, 60.0, path, random=lambda: 0.5, **kw)
+
+
+def sample(metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, {"org": "org", **labels}) or 0.0
+
+
+async def test_every_app_over_several_pages(fake, client):
+    fake.apps_page_max = 100  # Google's own maximum: pages end on nextPageToken, not on a short page
+    for i in range(205):
+        fake.add_key(f"key-{i}", app=f"app-{i}", developer_email="dev@example.com", products=["orders"])
+    pages = [page async for page in client.apps()]
+    assert [len(p["app"]) for p in pages] == [100, 100, 5]
+    assert len({a["appId"] for p in pages for a in p["app"]}) == 205
+
+
+async def test_developers_over_several_pages_each_once(fake, client):
+    for i in range(PAGE_SIZE + 3):
+        fake.add_developer(f"dev{i:05d}@example.com")
+    emails = [d["email"] async for page in client.developers() for d in page["developer"]]
+    assert len(emails) == PAGE_SIZE + 3 == len(set(emails))
+
+
+async def test_errors_are_unavailable_or_rejected(fake, client):
+    fake.fail_next("apps", 503)
+    with pytest.raises(ApigeeUnavailable):
+        [p async for p in client.apps()]
+    fake.fail_next("apps", 403)
+    with pytest.raises(ApigeeRejected):
+        [p async for p in client.apps()]
+    fake.malformed_next("developers", b"[1, 2]")
+    with pytest.raises(ApigeeUnavailable, match="not a JSON object"):
+        [p async for p in client.developers()]
+    assert await client.app("no-such-app") is None
+
+
+async def test_a_sync_indexes_every_key_as_verify_api_key_decides(fake, client, metrics, clock):
+    fake.add_key("good", app="orders-app", developer_email="dev@example.com", products=["orders"])
+    fake.add_key("revoked", app="orders-app", developer_email="dev@example.com", products=["orders"])
+    fake.revoke_key("revoked")
+    sync = sync_for(client, metrics, clock)
+    assert await sync.sync()
+    assert sync.index is not None and len(sync.index) == 2
+    good, revoked = sync.index.get(digest("good")), sync.index.get(digest("revoked"))
+    assert good is not None and good.active and good.products == ("orders",)
+    assert revoked is not None and not revoked.active
+    assert sample(metrics, "key_index_keys") == 2 and sample(metrics, "key_syncs_total", result="ok") == 1
+    assert sample(metrics, "key_index_synced_timestamp_seconds") == clock.now()
+
+
+async def test_a_failed_sync_keeps_the_last_good_index_and_backs_off(fake, client, metrics, clock, caplog):
+    fake.add_key("good", app="orders-app", developer_email="dev@example.com", products=["orders"])
+    sync = sync_for(client, metrics, clock)
+    assert await sync.sync()
+    first = sync.index
+    fake.fail_next("apps", 503, count=3)
+    assert not await sync.sync()
+    assert sync.index is first and sample(metrics, "key_syncs_total", result="error") == 1
+    assert sync.next_delay() == 1.0
+    assert not await sync.sync()
+    assert sync.next_delay() == 2.0
+    assert "good" not in caplog.text
+
+
+async def test_the_snapshot_serves_a_cold_start_when_apigee_is_down(fake, client, metrics, clock, tmp_path):
+    fake.add_key("good", app="orders-app", developer_email="dev@example.com", products=["orders"])
+    assert await sync_for(client, metrics, clock, tmp_path).sync()
+    text = (tmp_path / "keys.json").read_text()
+    assert "good" not in text.replace(digest("good").hex(), "")  # digests only
+    assert oct((tmp_path / "keys.json").stat().st_mode & 0o777) == "0o600"
+
+    fake.fail_next("developers", 503)
+    cold = sync_for(client, new_metrics(), clock, tmp_path)
+    await cold.load()
+    assert cold.index is not None
+    found = cold.index.get(digest("good"))
+    assert found is not None and found.active and found.app_name == "orders-app"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not json", b'{"format": 2}', b'{"format": 1, "org": "other", "syncedAt": 1, "credentials": []}',
+     b'{"format": 1, "org": "org", "syncedAt": 1, "credentials": [{"app": 1}]}'],
+)  # fmt: skip
+async def test_an_unusable_snapshot_is_ignored(fake, client, metrics, clock, tmp_path, caplog, content):
+    (tmp_path / "keys.json").write_bytes(content)
+    fake.fail_next("developers", 503)
+    sync = sync_for(client, metrics, clock, tmp_path)
+    with caplog.at_level(logging.ERROR):
+        await sync.load()
+    assert sync.index is None and "ignoring the key snapshot" in caplog.text
+
+
+async def test_refresh_app_adds_a_key_created_since_the_sync(fake, client, metrics, clock):
+    fake.add_key("old", app="orders-app", developer_email="dev@example.com", products=["orders"])
+    sync = sync_for(client, metrics, clock)
+    await sync.sync()
+    fake.add_key("new", app="orders-app", developer_email="dev@example.com", products=["orders"])
+    assert sync.index is not None and sync.index.get(digest("new")) is None
+    app = fake.directory.find_app("dev@example.com", "orders-app")
+    await sync.refresh_app(app.app_id)
+    found = sync.index.get(digest("new"))
+    assert found is not None and found.active
+
+
+async def test_a_listing_that_does_not_advance_is_refused(fake, client):
+    fake.malformed_next("apps", b'{"app": [], "nextPageToken": "same"}', count=2)
+    with pytest.raises(ApigeeUnavailable, match="same page token"):
+        [p async for p in client.apps()]
+
+
+async def test_a_developers_page_must_start_at_its_start_key(fake, client, monkeypatch):
+    for i in range(PAGE_SIZE + 1):
+        fake.add_developer(f"dev{i:05d}@example.com")
+    pages = client.developers()
+    first = await anext(pages)
+    assert len(first["developer"]) == PAGE_SIZE
+    fake.malformed_next("developers", b'{"developer": [{"email": "elsewhere@example.com"}]}')
+    with pytest.raises(ApigeeUnavailable, match="does not start at its startKey"):
+        await anext(pages)
+
+
+async def test_transport_errors_are_unavailable_and_timed(fake, client, metrics):
+    fake.drop_next("app")
+    with pytest.raises(ApigeeUnavailable):
+        await client.app("x")
+    labels = {"env": "", "api": "app", "code": "error", "method": "GET"}
+    assert sample(metrics, "apigee_requests_seconds_count", **labels) == 1
+
+
+async def test_run_syncs_until_stopped(fake, client, metrics, clock):
+    fake.add_key("good", app="orders-app", developer_email="dev@example.com", products=["orders"])
+    sync = KeySync(client, "org", metrics, clock, 0.01, None)
+    task = asyncio.ensure_future(sync.run())
+    while sample(metrics, "key_syncs_total", result="ok") < 2:
+        await asyncio.sleep(0.01)
+    sync.stop()
+    await task
+    assert sync.index is not None and len(sync.index) == 1
+
+
+async def test_a_snapshot_that_cannot_be_written_is_counted(fake, client, metrics, clock, tmp_path):
+    (tmp_path / "file").write_text("")
+    sync = KeySync(client, "org", metrics, clock, 60.0, str(tmp_path / "file" / "keys.json"))
+    assert await sync.sync()
+    assert sample(metrics, "key_syncs_total", result="snapshot_error") == 1
+
+
+async def test_no_snapshot_no_index(fake, client, metrics, clock, tmp_path, caplog):
+    fake.fail_next("developers", 503)
+    sync = sync_for(client, metrics, clock, tmp_path)
+    await sync.load()
+    assert sync.index is None and "no key snapshot" in caplog.text
+
+
+async def test_refresh_app_failures_leave_the_index(fake, client, metrics, clock, caplog):
+    fake.add_key("good", app="orders-app", developer_email="dev@example.com", products=["orders"])
+    sync = sync_for(client, metrics, clock)
+    await sync.refresh_app("x")  # no index yet: nothing to add to
+    await sync.sync()
+    fake.fail_next("app", 500)
+    await sync.refresh_app(fake.directory.find_app("dev@example.com", "orders-app").app_id)
+    await sync.refresh_app("unknown-app")  # 404: nothing added
+    assert sync.index is not None and len(sync.index) == 1 and "key sync of app" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [(b"<html>", "not JSON"), (b'{"developer": {}}', "not a list"),
+     (b'{"developer": [' + b'{"status": "active"},' * (PAGE_SIZE - 1) + b'{"status": "active"}]}', "no email")],
+)  # fmt: skip
+async def test_malformed_developer_pages_are_unavailable(fake, client, body, problem):
+    fake.malformed_next("developers", body)
+    with pytest.raises(ApigeeUnavailable, match=problem):
+        [p async for p in client.developers()]
