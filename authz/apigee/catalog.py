@@ -14,13 +14,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random as _random
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from authz.apigee.client import ApigeeClient, ProductsResponse
+from authz.apigee.snapshot_file import write_json
 from authz.clock import Clock
 from authz.decision.model import Catalog, Product
 from authz.decision.products import ProductError, parse_product
@@ -51,19 +50,7 @@ def build_catalog(raw_products: Sequence[dict[str, Any]], loaded_at: float) -> C
 
 def _write_snapshot(path: str, document: dict[str, Any]) -> None:
     """Write atomically: a temp file (mode 0o600) in the same directory, fsync, rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".products-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(json.dumps(document, separators=(",", ":")).encode())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    write_json(path, document, ".products-")
 
 
 def _read_snapshot(path: str, org: str) -> tuple[Catalog, str | None]:

@@ -17,14 +17,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random as _random
-import tempfile
 from collections.abc import Callable
 from typing import Any, Final
 
 from authz.apigee.key_index import Developer, KeyIndex, apps_of, build, developers_from
 from authz.apigee.management import ManagementClient
+from authz.apigee.snapshot_file import write_json
 from authz.clock import Clock
 from authz.decision.model import Credential
 from authz.errors import ApigeeError, ApigeeUnavailable
@@ -169,19 +168,7 @@ def _write_snapshot(path: str, org: str, index: KeyIndex, synced_at: float) -> N
             for c, keys in groups.values()
         ],
     }  # fmt: skip
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".keys-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(json.dumps(document, separators=(",", ":")).encode())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    write_json(path, document, ".keys-")
 
 
 def _read_snapshot(path: str, org: str) -> tuple[KeyIndex, float]:
