@@ -33,6 +33,17 @@ INITIAL_BACKOFF = 1.0
 JITTER = 0.1  # ±10 % on every wait, so replicas restarted together do not poll in step
 
 
+def poll_delay(interval: float, failures: int, retry_after: float, draw: float) -> float:
+    """Seconds to a poller's next call: ``interval`` after a success, else a backoff from 1 s doubling up
+    to ``interval``; ±10 % jitter (``draw`` in [0, 1)); never before Apigee's ``Retry-After``."""
+    if failures == 0:
+        base = interval
+    else:
+        first = min(INITIAL_BACKOFF, interval)
+        base = min(interval, first * 2.0 ** min(failures - 1, 32))
+    return max(base * (1 + JITTER * (2 * draw - 1)), retry_after)
+
+
 def build_catalog(raw_products: Sequence[dict[str, Any]], loaded_at: float) -> Catalog:
     """Parse Apigee's product list; invalid products are logged and skipped, a repeated name replaces."""
     products: dict[str, Product] = {}
@@ -99,13 +110,7 @@ class ApigeeCatalog:
 
     def next_delay(self) -> float:
         """Seconds to the next poll: ``refresh_rate`` after a success, else the capped backoff; jittered."""
-        if self._failures == 0:
-            base = self._refresh_rate
-        else:
-            first = min(INITIAL_BACKOFF, self._refresh_rate)
-            base = min(self._refresh_rate, first * 2.0 ** min(self._failures - 1, 32))
-        jittered = base * (1 + JITTER * (2 * self._random() - 1))
-        return max(jittered, self._retry_after)  # Apigee asked us to wait (429/503 Retry-After)
+        return poll_delay(self._refresh_rate, self._failures, self._retry_after, self._random())
 
     async def load(self) -> None:
         """First fetch at start-up. Never raises: if Apigee fails, serves the disk snapshot, if any."""

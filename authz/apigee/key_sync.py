@@ -21,6 +21,7 @@ import random as _random
 from collections.abc import Callable
 from typing import Any, Final
 
+from authz.apigee.catalog import poll_delay
 from authz.apigee.key_index import Developer, KeyIndex, apps_of, build, developers_from
 from authz.apigee.management import ManagementClient
 from authz.apigee.snapshot_file import write_json
@@ -32,8 +33,6 @@ from authz.metrics import Metrics
 log = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT: Final = 1
-INITIAL_BACKOFF: Final = 1.0
-JITTER: Final = 0.1
 
 
 class KeySync:
@@ -56,12 +55,7 @@ class KeySync:
         self._refreshing: set[str] = set()
 
     def next_delay(self) -> float:
-        if self._failures == 0:
-            base = self._interval
-        else:
-            first = min(INITIAL_BACKOFF, self._interval)
-            base = min(self._interval, first * 2.0 ** min(self._failures - 1, 32))
-        return max(base * (1 + JITTER * (2 * self._random() - 1)), self._retry_after)
+        return poll_delay(self._interval, self._failures, self._retry_after, self._random())
 
     async def load(self) -> None:
         """The first sync; if it fails, the snapshot (if any). Never raises."""
