@@ -41,14 +41,20 @@ Google's 400 `{"error": "invalid_grant" | "invalid_scope" | ..., "error_descript
 (`google_tokens_issued`) live `google_token_ttl` seconds. `datalocation` accepts exactly the issued tokens
 that have not expired and `google_token` if set; with neither a `google_token` nor a registered service
 account it takes any Bearer token. Fault knob: `oauth_token`.
-Management API (Apigee X, standing for `https://apigee.googleapis.com`; `FakeServer.management_url`), the
-developers, apps and credentials in `fake.directory` (apigee_management.py). `/verifyApiKey` and
-`/remote-token/token` answer from the same state, so a listing and a key check always agree:
+Management API (Apigee X, standing for `https://apigee.googleapis.com`, or legacy Apigee Edge, standing for
+`https://api.enterprise.apigee.com`; `FakeServer.management_url`), the developers, apps and credentials in
+`fake.directory` (apigee_management.py). `/verifyApiKey` and `/remote-token/token` answer from the same
+state, so a listing and a key check always agree:
 
     GET  /v1/organizations/{org}/apps?expand=true&includeCred=true&pageSize=N&pageToken=T   Google Bearer
          -> {"app": [App...], "nextPageToken": T'}   by appId; pageSize 0/absent = `apps_page_max` (1000),
             larger is clamped; no nextPageToken on the last page; without expand=true [{"appId"}] only,
             without includeCred=true no "credentials"; a pageToken not handed out -> 400 INVALID_ARGUMENT
+    GET  /v1/organizations/{org}/apps?expand=true&includeCred=true&rows=N&startKey=APPID        (Edge)
+         -> {"app": [App...]}   Edge's paging, taken when rows or startKey is there and neither pageSize nor
+            pageToken: by appId from startKey on (**inclusive**; an unknown startKey starts at the next
+            appId above it), rows 0/absent = `apps_rows_max` (1000), larger is clamped; no nextPageToken
+            (the caller asks again from its last appId until a page is short); bad rows -> 400
     GET  /v1/organizations/{org}/apps/{appId}      -> App with credentials; unknown -> 404 NOT_FOUND
     GET  /v1/organizations/{org}/developers?expand=true&count=N&startKey=EMAIL
          -> {"developer": [Developer...]} by email, from startKey on (**inclusive**, as Apigee documents),
@@ -65,9 +71,11 @@ developers, apps and credentials in `fake.directory` (apigee_management.py). `/v
 Arrange it with `add_developer`, `add_app`, `add_credential`, the `set_*_status` / `set_credential_expiry`
 knobs and `delete_credential` (or `add_key` / `revoke_key`). A key verifies iff its credential is approved
 and unexpired (fake clock), its app approved and its developer active; `api_product_list` holds its approved
-products. Auth is the Google Bearer token `datalocation` takes (401 UNAUTHENTICATED); an org other than
-the fake's is a 404 NOT_FOUND. Errors are Google's `{"error": {"code", "message", "status"}}`. Fault knobs
-take the endpoint names `apps`, `app` and `developers`.
+products. Auth is the Google Bearer token `datalocation` takes (401 UNAUTHENTICATED) or, with
+`management_basic=(username, password)` (an Edge org user), exactly that HTTP Basic pair (otherwise 401 with
+Edge's `{"code", "message", "contexts"}`; a Bearer token is refused too). An org other than the fake's is a
+404 NOT_FOUND. Other errors are Google's `{"error": {"code", "message", "status"}}`, except the Edge
+paging's 400, which is Edge's. Fault knobs take the endpoint names `apps`, `app` and `developers`.
 
 Not covered: `{base}/version`, `{base}/rotate`, `Expect: 100-continue`; over loopback, bodies over 1 MiB get
 413 (http_server.MAX_BODY).
@@ -171,6 +179,10 @@ def _google_error(status: int, message: str, code: str) -> httpx.Response:
     return _json(status, {"error": {"code": status, "message": message, "status": code}})
 
 
+def _edge_error(status: int, code: str, message: str) -> httpx.Response:
+    return _json(status, {"code": code, "message": message, "contexts": []})
+
+
 def _oauth_error(error: str, description: str) -> httpx.Response:
     return _json(400, {"error": error, "error_description": description})
 
@@ -215,12 +227,14 @@ class FakeApigee:
         google_token: str | None = None,
         token_ttl: float = 900.0,
         google_token_ttl: float = 3600.0,
+        management_basic: tuple[str, str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.org, self.env, self.base_path = org, env, base_path.rstrip("/")
         self.internal_path = internal_path.rstrip("/")
         self.google_token = google_token  # accepted by datalocation as if issued here
         self.google_token_ttl = google_token_ttl
+        self.management_basic = management_basic  # Edge: the management API takes this Basic pair only
         self._service_accounts: dict[str, Any] = {}  # client_email -> public key
         self._google_tokens: dict[str, float] = {}  # issued access token -> expiry (fake clock)
         self.google_tokens_issued: list[str] = []  # in issue order
@@ -230,6 +244,7 @@ class FakeApigee:
         self.last_headers: dict[str, dict[str, str]] = {}
         self.directory = Directory(org, clock)  # developers, apps, credentials: the one source of API keys
         self.apps_page_max = PAGE_MAX  # default and largest pageSize of the apps listing
+        self.apps_rows_max = PAGE_MAX  # default and largest rows of the Edge apps listing
         self._quotas: dict[str, tuple[float, int]] = {}  # identifier -> (window end, count)
         self._drops: collections.Counter[str] = collections.Counter()
         self._fails: dict[str, collections.deque[_Canned]] = collections.defaultdict(collections.deque)
@@ -460,13 +475,9 @@ class FakeApigee:
     # -- endpoints -------------------------------------------------------------------------------------
 
     def _authorized(self, request: httpx.Request) -> bool:
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
         if self.basic_auth is not None:
-            try:
-                decoded = base64.b64decode(credentials, validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
-                return False
-            return scheme.lower() == "basic" and decoded == ":".join(self.basic_auth)
+            return _has_basic(request, self.basic_auth)
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
         if self._policy_keys is None:
             return True
         if scheme.lower() != "bearer":
@@ -659,11 +670,14 @@ class FakeApigee:
             200, {"access_token": token, "expires_in": int(self.google_token_ttl), "token_type": "Bearer"}
         )
 
-    # -- management API (Apigee X) ---------------------------------------------------------------------
+    # -- management API (Apigee X, Edge) ---------------------------------------------------------------
 
     def _management_refusal(self, request: httpx.Request, org: str) -> httpx.Response | None:
-        """Google's answer when the caller may not list `org` (auth first, like Google); None to go on."""
-        if not self._google_bearer(request):
+        """The answer when the caller may not list `org` (auth first, like Google); None to go on."""
+        if self.management_basic is not None:
+            if not _has_basic(request, self.management_basic):
+                return _edge_error(401, "Unauthorized", "Invalid username or password.")
+        elif not self._google_bearer(request):
             return _google_error(401, UNAUTHENTICATED, "UNAUTHENTICATED")
         if org != self.org:
             return _google_error(404, f'Organization "{org}" not found.', "NOT_FOUND")
@@ -673,11 +687,19 @@ class FakeApigee:
         if (refusal := self._management_refusal(request, org)) is not None:
             return refusal
         query = request.url.params
-        try:
-            size = parse_limit(query.get("pageSize"), "pageSize", self.apps_page_max)
-            apps, next_token = self.directory.list_apps(size, query.get("pageToken", ""))
-        except ValueError as exc:
-            return _google_error(400, str(exc), "INVALID_ARGUMENT")
+        next_token = ""
+        if ("rows" in query or "startKey" in query) and not ("pageSize" in query or "pageToken" in query):
+            try:  # Apigee Edge: an inclusive startKey (an appId), no page token
+                rows = parse_limit(query.get("rows"), "rows", self.apps_rows_max)
+            except ValueError as exc:
+                return _edge_error(400, "keymanagement.service.InvalidRequest", str(exc))
+            apps = self.directory.list_apps_from(rows, query.get("startKey", ""))
+        else:
+            try:
+                size = parse_limit(query.get("pageSize"), "pageSize", self.apps_page_max)
+                apps, next_token = self.directory.list_apps(size, query.get("pageToken", ""))
+            except ValueError as exc:
+                return _google_error(400, str(exc), "INVALID_ARGUMENT")
         if _flag(request, "expand"):
             credentials = _flag(request, "includeCred")
             body: dict[str, Any] = {"app": [app_json(a, credentials=credentials) for a in apps]}
@@ -793,6 +815,16 @@ def _check(endpoint: str, count: int) -> None:
         raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {sorted(ENDPOINTS)}")
     if count < 1:
         raise ValueError("count must be at least 1")
+
+
+def _has_basic(request: httpx.Request, pair: tuple[str, str]) -> bool:
+    """Whether the request carries exactly HTTP Basic `pair` (username, password)."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return scheme.lower() == "basic" and decoded == ":".join(pair)
 
 
 def _flag(request: httpx.Request, name: str) -> bool:

@@ -2,7 +2,8 @@
 
 One `Directory` is the single source of truth for API keys: the management listings render it and
 `/verifyApiKey` and `/remote-token/token` answer from it (`verify`), so a test can ask both about one key.
-The JSON shapes are Apigee X's (`organizations.apps`, `organizations.developers`): timestamps and
+The JSON shapes are Apigee X's (`organizations.apps`, `organizations.developers`; Apigee Edge's are the
+same, only its apps listing pages by an inclusive appId `startKey`, `list_apps_from`): timestamps and
 `expiresAt` are epoch-ms **strings**, `expiresAt` `"-1"` means never. Ids are UUIDs derived from the org
 and names (uuid5), so a listing's order by `appId` is the same on every run; real Apigee uses random ones.
 Mistakes in arranging state raise: `KeyError` for an unknown email/app/key, `ValueError` for a bad status
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NEVER = -1  # expiresAt of a credential that does not expire
-PAGE_MAX = 1000  # default and largest pageSize (apps) and count (developers)
+PAGE_MAX = 1000  # default and largest pageSize and rows (apps) and count (developers)
 DEVELOPER_STATUSES = frozenset({"active", "inactive"})
 APP_STATUSES = frozenset({"approved", "revoked"})
 # Apigee keys are approved or revoked; "pending" stays for the callers of add_key(status="pending").
@@ -235,6 +236,12 @@ class Directory:
         more = start + page_size < len(ordered)
         token = base64.urlsafe_b64encode(page[-1].encode()).decode().rstrip("=") if more else ""
         return [self.apps[app_id] for app_id in page], token
+
+    def list_apps_from(self, rows: int, start_key: str) -> list[App]:
+        """Up to `rows` apps ordered by appId, from `start_key` on (inclusive, like Apigee Edge's listing);
+        an unknown `start_key` starts at the first appId above it, like a scan of sorted keys."""
+        ordered = sorted(app_id for app_id in self.apps if app_id >= start_key)
+        return [self.apps[app_id] for app_id in ordered[:rows]]
 
     def list_developers(self, count: int, start_key: str) -> list[Developer]:
         """Up to `count` developers ordered by email, from `start_key` on (inclusive, like Apigee)."""

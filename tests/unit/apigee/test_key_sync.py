@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 
 import httpx
 import pytest
 
+from authz.apigee import management
 from authz.apigee.key_index import digest
 from authz.apigee.key_sync import KeySync
 from authz.apigee.management import PAGE_SIZE, ManagementClient
@@ -221,3 +223,132 @@ async def test_malformed_developer_pages_are_unavailable(fake, client, body, pro
     fake.malformed_next("developers", body)
     with pytest.raises(ApigeeUnavailable, match=problem):
         [p async for p in client.developers()]
+
+
+# -- Apigee Edge: Basic auth, apps paged by an inclusive appId startKey ---------------------------------
+
+EDGE = "http://edge.test"
+EDGE_USER = ("reader@example.com", "pw:with-colon")
+
+
+@pytest.fixture
+async def edge(fake, metrics):
+    fake.management_basic = EDGE_USER
+    async with httpx.AsyncClient(transport=fake.transport(), timeout=2) as http:
+        yield ManagementClient(http, EDGE, "org", None, metrics, basic=EDGE_USER)
+
+
+@pytest.mark.parametrize(("count", "sizes"), [(10, [3, 2, 2, 2, 1]), (7, [3, 2, 2, 0]), (2, [2]), (0, [0])])
+async def test_edge_lists_every_app_exactly_once(fake, metrics, monkeypatch, count, sizes):
+    monkeypatch.setattr(management, "EDGE_APPS_ROWS", 3)
+    fake.apps_rows_max = 3
+    fake.management_basic = EDGE_USER
+    for i in range(count):
+        fake.add_key(f"key-{i}", app=f"app-{i}", developer_email="dev@example.com", products=["orders"])
+    sent: list[httpx.Request] = []
+
+    async def record(request: httpx.Request) -> None:
+        sent.append(request)
+
+    hooks = {"request": [record]}
+    async with httpx.AsyncClient(transport=fake.transport(), event_hooks=hooks) as http:
+        client = ManagementClient(http, EDGE, "org", None, metrics, basic=EDGE_USER)
+        pages = [page async for page in client.apps()]
+    ids = [a["appId"] for p in pages for a in p["app"]]
+    assert [len(p["app"]) for p in pages] == sizes
+    assert ids == sorted(fake.directory.apps) and len(set(ids)) == count
+    queries = [dict(r.url.params) for r in sent]
+    first = {"expand": "true", "includeCred": "true", "rows": "3"}
+    assert queries == [first] + [{**first, "startKey": p["app"][-1]["appId"]} for p in pages[:-1]]
+    assert all(str(r.url).startswith(f"{EDGE}/v1/organizations/org/apps?") for r in sent)
+    labels = {"env": "", "api": "apps", "code": "200", "method": "GET"}
+    assert sample(metrics, "apigee_requests_seconds_count", **labels) == len(sizes)
+
+
+async def test_edge_sends_basic_auth_on_every_call(fake, edge):
+    app_id = fake.add_app("orders-app", "dev@example.com")
+    expected = "Basic " + base64.b64encode(b"reader@example.com:pw:with-colon").decode()
+    assert [len(p["app"]) async for p in edge.apps()] == [1]
+    assert [len(p["developer"]) async for p in edge.developers()] == [1]
+    found = await edge.app(app_id)
+    assert found is not None and found["appId"] == app_id
+    for endpoint in ("apps", "developers", "app"):
+        assert fake.last_headers[endpoint]["authorization"] == expected
+    fake.management_basic = ("reader@example.com", "rotated")
+    with pytest.raises(ApigeeRejected) as refused:
+        [p async for p in edge.apps()]
+    assert refused.value.status == 401 and "pw" not in str(refused.value)
+
+
+async def test_an_edge_page_must_start_at_its_start_key(fake, edge, monkeypatch):
+    monkeypatch.setattr(management, "EDGE_APPS_ROWS", 3)
+    for i in range(4):
+        fake.add_app(f"app-{i}", "dev@example.com")
+    pages = edge.apps()
+    assert len((await anext(pages))["app"]) == 3
+    fake.malformed_next("apps", b'{"app": [{"appId": "elsewhere"}, {"appId": "later"}]}')
+    with pytest.raises(ApigeeUnavailable, match="does not start at its startKey"):
+        await anext(pages)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [(b'{"app": [{"appId": "a"}, {"appId": "b"}, {"name": "no id"}]}', "last app of a page has no appId"),
+     (b'{"app": {}}', "'app' is not a list")],
+)  # fmt: skip
+async def test_malformed_edge_pages_are_unavailable(fake, edge, monkeypatch, body, problem):
+    monkeypatch.setattr(management, "EDGE_APPS_ROWS", 3)
+    fake.malformed_next("apps", body)
+    with pytest.raises(ApigeeUnavailable, match=problem):
+        [p async for p in edge.apps()]
+
+
+async def test_listings_longer_than_max_pages_are_refused(fake, client, edge, monkeypatch):
+    monkeypatch.setattr(management, "MAX_PAGES", 2)
+    monkeypatch.setattr(management, "EDGE_APPS_ROWS", 2)
+    fake.apps_page_max = 1  # Apigee X: 3 apps, one a page
+    for i in range(3):
+        fake.add_app(f"app-{i}", "dev@example.com")
+    with pytest.raises(ApigeeUnavailable, match="more than 2 pages"):
+        [p async for p in edge.apps()]  # Edge: 2 apps, then 1 new of 2 a page: a third page
+    fake.management_basic = None
+    with pytest.raises(ApigeeUnavailable, match="more than 2 pages"):
+        [p async for p in client.apps()]
+
+
+@pytest.mark.parametrize("basic", [None, EDGE_USER])
+async def test_the_client_needs_exactly_one_of_token_and_basic(metrics, basic):
+    async def token() -> str:
+        return TOKEN
+
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(ValueError, match="exactly one"):
+            ManagementClient(http, EDGE, "org", token if basic else None, metrics, basic=basic)
+
+
+async def test_a_sync_over_edge_indexes_every_key(fake, edge, metrics, clock, monkeypatch):
+    monkeypatch.setattr(management, "EDGE_APPS_ROWS", 3)
+    fake.apps_rows_max = 3
+    for i in range(8):
+        fake.add_key(f"key-{i}", app=f"app-{i}", developer_email=f"dev{i % 2}@example.com", products=["p"])
+    fake.revoke_key("key-5")
+    sync = sync_for(edge, metrics, clock)
+    assert await sync.sync()
+    assert sync.index is not None and len(sync.index) == 8
+    for i in range(8):
+        found = sync.index.get(digest(f"key-{i}"))
+        assert found is not None and found.active == (i != 5) and found.app_name == f"app-{i}"
+    assert sample(metrics, "key_index_keys") == 8 and sample(metrics, "key_syncs_total", result="ok") == 1
+
+
+async def test_app_errors_other_than_not_found_raise(fake, client):
+    fake.fail_next("app", 403)
+    with pytest.raises(ApigeeRejected):
+        await client.app("x")
+
+
+async def test_an_oversized_answer_is_unavailable(fake, client, monkeypatch):
+    monkeypatch.setattr(management, "MAX_BODY_BYTES", 10)
+    fake.add_app("orders-app", "dev@example.com")
+    with pytest.raises(ApigeeUnavailable, match="answer over 10 bytes"):
+        [p async for p in client.apps()]

@@ -403,3 +403,77 @@ async def test_listing_and_verify_agree_over_loopback():
             assert verified[key]["api_product_list"] == products
             assert verified[key]["application_id"] == app["appId"]
     assert sorted(k for k, v in verified.items() if v is None) == ["key-1", "key-3"]
+
+
+# -- Apigee Edge: rows/startKey paging, Basic auth ----------------------------------------------------
+
+
+async def test_edge_apps_listing_pages_with_an_inclusive_start_key():
+    fake = new_fake()
+    created = sorted(fake.add_app(f"app-{i}", f"dev{i % 3}@example.com") for i in range(10))
+    params = {"expand": "true", "includeCred": "true", "rows": "3"}
+    async with client(fake) as http:
+        first = (await http.get(APPS, params=params)).json()
+        seen, sizes = [a["appId"] for a in first["app"]], [len(first["app"])]
+        while sizes[-1] == 3:  # Edge's loop: startKey = the last appId, skip the repeat, stop on a short page
+            body = (await http.get(APPS, params={**params, "startKey": seen[-1]})).json()
+            assert body["app"][0]["appId"] == seen[-1] and "nextPageToken" not in body
+            assert "credentials" in body["app"][0]
+            seen += [a["appId"] for a in body["app"][1:]]
+            sizes.append(len(body["app"]))
+        between = created[4][:-1] + chr(ord(created[4][-1]) - 1)  # no such app: the next one above it
+        unknown = (await http.get(APPS, params={"rows": "2", "startKey": between})).json()
+        past_the_end = (await http.get(APPS, params={"startKey": "~"})).json()
+        bare = (await http.get(APPS, params={"startKey": created[8]})).json()
+    assert seen == created and sizes == [3, 3, 3, 3, 2]
+    assert [a["appId"] for a in unknown["app"]] == created[4:6]
+    assert past_the_end == {"app": []}
+    assert bare == {"app": [{"appId": created[8]}, {"appId": created[9]}]}
+
+
+async def test_edge_rows_are_clamped_to_apps_rows_max():
+    fake = new_fake()
+    created = sorted(fake.add_app(f"app-{i}", "dev@example.com") for i in range(5))
+    async with client(fake) as http:
+        assert len((await http.get(APPS, params={"rows": "5000"})).json()["app"]) == 5
+        fake.apps_rows_max = 2
+        clamped = (await http.get(APPS, params={"rows": "1000", "startKey": created[1]})).json()
+        default = (await http.get(APPS, params={"rows": "0"})).json()
+        one = (await http.get(APPS, params={"rows": "1"})).json()
+        bad = await http.get(APPS, params={"rows": "-1"})
+        google = (await http.get(APPS, params={"pageSize": "2", "startKey": created[3]})).json()
+    assert [a["appId"] for a in clamped["app"]] == created[1:3] and "nextPageToken" not in clamped
+    assert [a["appId"] for a in default["app"]] == created[:2]
+    assert [a["appId"] for a in one["app"]] == created[:1]
+    assert bad.status_code == 400 and bad.json()["code"] and bad.json()["message"]
+    # pageSize wins: Apigee X's paging, startKey ignored, apps_page_max untouched by apps_rows_max
+    assert [a["appId"] for a in google["app"]] == created[:2] and google["nextPageToken"]
+
+
+@pytest.mark.parametrize("path", [APPS, f"{APPS}/some-id", DEVELOPERS])
+async def test_management_basic_replaces_the_google_token(path):
+    fake = FakeApigee(google_token="t", management_basic=("reader@example.com", "pw"))
+    app_id = fake.add_app("a", "d@example.com")
+    path = path.replace("some-id", app_id)
+    async with httpx.AsyncClient(transport=fake.transport(), base_url=BASE) as http:
+        ok = await http.get(path, auth=("reader@example.com", "pw"))
+        assert ok.status_code == 200
+        denied = [
+            await http.get(path, auth=("reader@example.com", "wrong")),
+            await http.get(path, auth=("other@example.com", "pw")),
+            await http.get(path, headers=TOKEN),
+            await http.get(path, headers={"Authorization": "Basic !!!"}),
+            await http.get(path),
+        ]
+        other_org = await http.get(path.replace("/org/", "/other/"), auth=("reader@example.com", "pw"))
+    for response in denied:
+        assert response.status_code == 401
+        assert response.json()["code"] == "Unauthorized" and response.json()["contexts"] == []
+    assert other_org.status_code == 404
+
+
+async def test_without_management_basic_basic_auth_is_refused():
+    fake = new_fake()
+    async with httpx.AsyncClient(transport=fake.transport(), base_url=BASE) as http:
+        response = await http.get(APPS, auth=("reader@example.com", "pw"))
+    assert response.status_code == 401 and response.json()["error"]["status"] == "UNAUTHENTICATED"
