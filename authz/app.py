@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import grpc
+import httpx
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from grpc_health.v1 import health_pb2_grpc
 
@@ -28,7 +29,10 @@ from authz.apigee.catalog import ApigeeCatalog
 from authz.apigee.client import ApigeeClient, new_google_http_client, new_http_client
 from authz.apigee.google_token import GoogleTokens, service_account_credentials
 from authz.apigee.jwks import RemoteTokenKeys
+from authz.apigee.key_lookup import IndexedKeys
+from authz.apigee.key_sync import KeySync
 from authz.apigee.keys import ApiKeyCache
+from authz.apigee.management import ManagementClient
 from authz.apigee.signer import Authorizer, BasicAuthorizer, InternalJWTAuthorizer
 from authz.clock import Clock, SystemClock
 from authz.config import Config
@@ -89,6 +93,11 @@ def snapshot_path(config: Config) -> str:
     tenant = config.tenant
     env = "multi-tenant" if tenant.multi_tenant else tenant.env_name
     return os.path.join(config.global_.temp_dir, "products", f"{tenant.org_name}~{env}.json")
+
+
+def key_snapshot_path(config: Config) -> str:
+    """Where the last good key index (digests, never keys) is kept for a cold start; one per org."""
+    return os.path.join(config.global_.temp_dir, "keys", f"{config.tenant.org_name}.json")
 
 
 class _Tokens:
@@ -154,9 +163,7 @@ class _Analytics:
             self.buffer, metrics, org, clock, config.global_.keep_alive_max_connection_age
         )
         self.uploader: Uploader[Any] | None = None
-        self.google: GoogleTokens | None = None
-        if apigee is not None and config.tenant.gcp_managed:
-            self.google = google_tokens_from(config, clock, metrics)
+        self.google = apigee.google if apigee is not None else None  # closed with _Apigee
         self._client = client = _analytics_client(config, metrics, apigee, self.google)
         if client is not None:
             self.uploader = Uploader(self.buffer, client, org, metrics, clock)
@@ -183,8 +190,6 @@ class _Analytics:
         if self.uploader is not None:
             await self.uploader.final_attempt(within)
             self.uploader.stop()
-        if self.google is not None:
-            self.google.close()
 
     async def close_http(self) -> None:
         """After the background tasks ended: the connections of the ``analytics.endpoint`` client (the
@@ -231,7 +236,8 @@ def _analytics_client(
 
 
 class _Apigee:
-    """The Apigee control plane of one service: HTTP clients, product poller, JWKS and key cache."""
+    """The Apigee control plane of one service: HTTP clients, Google credentials (Apigee X/hybrid), product
+    poller, JWKS, key cache and, with ``tenant.key_sync_interval``, the key index in front of it."""
 
     def __init__(self, config: Config, metrics: Metrics, clock: Clock) -> None:
         tenant, org = config.tenant, config.tenant.org_name
@@ -252,26 +258,65 @@ class _Apigee:
             client, org, metrics, clock, config.products.refresh_rate, snapshot_path(config)
         )
         self.jwks = RemoteTokenKeys(client, tenant.remote_token_jwks_url, org, metrics, clock)
-        self.keys = ApiKeyCache(
+        self.cache = ApiKeyCache(
             client, self.jwks, org, metrics, clock, cache_duration=config.auth.api_key_cache_duration
+        )
+        # Apigee X/hybrid: analytics uploads and the key index's listings use these credentials.
+        self.google = google_tokens_from(config, clock, metrics) if tenant.gcp_managed else None
+        self.keys: ApiKeyCache | IndexedKeys = self.cache
+        self.key_sync: KeySync | None = None
+        self.indexed: IndexedKeys | None = None
+        self.edge_http: httpx.AsyncClient | None = None
+        if tenant.key_sync:
+            self.key_sync = KeySync(
+                self._management(config, metrics), org, metrics, clock, tenant.key_sync_interval,
+                key_snapshot_path(config),
+            )  # fmt: skip
+            self.keys = self.indexed = IndexedKeys(
+                self.key_sync, self.cache, org, metrics, clock, config.auth.api_key_verify_rate
+            )
+
+    def _management(self, config: Config, metrics: Metrics) -> ManagementClient:
+        """Apigee X/hybrid: Google's API with the Google credentials; legacy Edge: Basic auth (a public
+        endpoint too, so the system's trust roots rather than ``tenant.tls``)."""
+        tenant = config.tenant
+        if self.google is not None and self.google_http is not None:
+            return ManagementClient(
+                self.google_http, tenant.management_api, tenant.org_name, self.google, metrics
+            )
+        self.edge_http = new_google_http_client(tenant.client_timeout)
+        basic = (tenant.management_user, tenant.management_password)
+        return ManagementClient(
+            self.edge_http, tenant.management_api, tenant.org_name, None, metrics, basic=basic
         )
 
     async def start(self) -> list[asyncio.Task[None]]:
-        await asyncio.gather(self.catalog.load(), self.jwks.refresh())
-        return [
+        restore = self.key_sync.restore() if self.key_sync is not None else asyncio.sleep(0)
+        await asyncio.gather(self.catalog.load(), self.jwks.refresh(), restore)
+        tasks = [
             asyncio.create_task(self.catalog.run(), name="products-poller"),
             asyncio.create_task(self.jwks.run(), name="jwks-refresh"),
         ]
+        if self.key_sync is not None:  # the first full listing runs now, in the background
+            tasks.append(asyncio.create_task(self.key_sync.run(), name="key-sync"))
+        return tasks
 
     def stop(self) -> None:
         self.catalog.stop()
         self.jwks.stop()
+        if self.key_sync is not None:
+            self.key_sync.stop()
 
     async def close(self) -> None:
-        await self.keys.close()
+        if self.indexed is not None:
+            await self.indexed.close()
+        await self.cache.close()
         await self.http.aclose()
-        if self.google_http is not None:
-            await self.google_http.aclose()
+        for http in (self.google_http, self.edge_http):
+            if http is not None:
+                await http.aclose()
+        if self.google is not None:
+            self.google.close()
 
 
 def _grpc_options(config: Config) -> list[tuple[str, int]]:
@@ -347,11 +392,16 @@ class Service:
         self._readiness: asyncio.Task[None] | None = None
 
     def _details(self) -> dict[str, str]:
-        if self.apigee is None:
+        apigee = self.apigee
+        if apigee is None:
             return {"catalog_source": "file"}
-        if self.apigee.catalog.current() is None:
-            return {"catalog_source": "none"}
-        return {"catalog_source": "snapshot" if self.apigee.catalog.from_snapshot else "apigee"}
+        if apigee.catalog.current() is None:
+            details = {"catalog_source": "none"}
+        else:
+            details = {"catalog_source": "snapshot" if apigee.catalog.from_snapshot else "apigee"}
+        if apigee.key_sync is not None:
+            details["key_index_source"] = apigee.key_sync.source
+        return details
 
     async def start(self) -> None:
         """Load the catalog, then open both ports.

@@ -12,7 +12,10 @@ Keys this service adds to the Go schema: ``global.graceful_shutdown_timeout``, `
 ``tenant.catalog_poll_interval``, ``auth.api_key_verify_wait``, ``tenant.remote_token_jwks_url``
 (where the keys that sign ``/verifyApiKey`` tokens are published; derived from ``remote_service_api``
 by default), ``tenant.management_api`` (the Google API base for Apigee X/hybrid analytics, which the Go
-adapter hard-codes) and ``analytics.endpoint`` (standalone only: where staged analytics files are POSTed).
+adapter hard-codes; also where the key index lists apps), ``tenant.key_sync_interval`` (0 = no key index),
+``tenant.management_user``/``management_password`` (legacy Edge's management API, Basic auth),
+``auth.api_key_verify_rate`` and ``analytics.endpoint`` (standalone only: where staged analytics files are
+POSTed).
 Relative file paths (the catalog and TLS files) are resolved against the config file's directory and
 stored absolute.
 
@@ -61,12 +64,16 @@ DEFAULT_API_KEY_CACHE_DURATION = 1800.0
 DEFAULT_API_KEY_HEADER = "x-api-key"
 DEFAULT_API_HEADER = ":authority"
 DEFAULT_API_KEY_VERIFY_WAIT = 0.8  # below the 1 s ext_authz timeout of the Go adapter's sample Envoy config
+DEFAULT_API_KEY_VERIFY_RATE = 10  # /verifyApiKey calls a second for keys the key index does not know
 DEFAULT_QUOTA_SYNC_WAIT = 0.25  # Check waits this long for a quota sync in flight, then admits on credit
 
 MIN_CATALOG_POLL_INTERVAL = 0.05
 MIN_PRODUCTS_REFRESH = 1.0
 PRODUCTS_REFRESH_WARN_BELOW = 60.0  # the Go adapter refuses anything below 1m
 MIN_COLLECTION_INTERVAL = 1.0
+MIN_KEY_SYNC_INTERVAL = 1.0
+KEY_SYNC_WARN_BELOW = 60.0  # each sync lists every app of the org
+EDGE_MANAGEMENT_API = "https://api.enterprise.apigee.com"
 MASK = "***"
 SECTIONS = ("global", "tenant", "products", "analytics", "auth")
 APIGEE_ONLY = "required in Apigee mode (when tenant.catalog_file is not set)"
@@ -131,7 +138,14 @@ class TenantConfig:
     catalog_file: str = ""
     catalog_poll_interval: float = DEFAULT_CATALOG_POLL_INTERVAL
     remote_token_jwks_url: str = ""  # "" until loaded: derived from remote_service_api
-    management_api: str = DEFAULT_MANAGEMENT_API  # NEW: Apigee X/hybrid analytics (datalocation) base
+    management_api: str = DEFAULT_MANAGEMENT_API  # NEW: Apigee X/hybrid analytics and key-index base
+    key_sync_interval: float = 0.0  # NEW: full listing of apps and keys this often; 0 = no key index
+    management_user: str = ""  # NEW: legacy Edge only: Basic auth for the management API (key index)
+    management_password: str = field(default="", repr=False)
+
+    @property
+    def key_sync(self) -> bool:
+        return self.key_sync_interval > 0
 
     @property
     def multi_tenant(self) -> bool:
@@ -169,6 +183,7 @@ class AuthConfig:
     jwt_provider_key: str = ""
     append_metadata_headers: bool = False
     api_key_verify_wait: float = DEFAULT_API_KEY_VERIFY_WAIT  # NEW: Check's wait for an uncached key
+    api_key_verify_rate: int = DEFAULT_API_KEY_VERIFY_RATE  # NEW: fallback calls/s with a key index
     jwt_providers: tuple[JwtProvider, ...] = ()  # NEW: issuers whose bearer tokens are validated here
     quota_headers: bool = False  # NEW: ratelimit-* headers on allowed responses too (always on a 429)
     quota_sync_wait: float = DEFAULT_QUOTA_SYNC_WAIT  # NEW: Check's wait for a quota sync in flight
@@ -237,7 +252,11 @@ def _cross_check(file: str, config: Config) -> Config:
     if api.port and api == metrics:
         raise ConfigError(file, "global.metrics_address", f"same as global.api_address ({api})")
     if not config.standalone:
-        return _check_apigee(file, config)
+        return _check_apigee(file, _check_key_sync(file, config))
+    if tenant.key_sync:
+        raise ConfigError(
+            file, "tenant.key_sync_interval", "only for Apigee mode (tenant.catalog_file is set)"
+        )
     if not tenant.env_name:
         raise ConfigError(file, "tenant.env_name", "required when tenant.catalog_file is set")
     if not tenant.org_name:
@@ -288,6 +307,35 @@ def _check_apigee(file: str, config: Config) -> Config:
         name = apigee.name if apigee.name not in names else f"{apigee.name}-remote-token"
         auth = replace(auth, jwt_providers=(replace(apigee, name=name), *auth.jwt_providers))
     return replace(config, tenant=tenant, auth=auth)
+
+
+def _check_key_sync(file: str, config: Config) -> Config:
+    """The key index's management access: Google credentials on Apigee X/hybrid, Basic auth on Edge."""
+    tenant = config.tenant
+    edge = bool(tenant.internal_api)
+    for name in ("management_user", "management_password"):
+        if getattr(tenant, name) and not (edge and tenant.key_sync):
+            raise ConfigError(
+                file,
+                f"tenant.{name}",
+                "only for legacy Edge (tenant.internal_api set) with tenant.key_sync_interval; Apigee X and "
+                "hybrid list apps with Google credentials (the analytics service account or ADC)",
+            )
+    if not (edge and tenant.key_sync):
+        return config
+    for name in ("management_user", "management_password"):
+        if not getattr(tenant, name):
+            raise ConfigError(
+                file, f"tenant.{name}", "required for tenant.key_sync_interval on legacy Edge (Basic auth)"
+            )
+    if tenant.management_api == DEFAULT_MANAGEMENT_API:
+        raise ConfigError(
+            file,
+            "tenant.management_api",
+            f"set it to your Edge management API ({EDGE_MANAGEMENT_API} for Edge SaaS) for "
+            "tenant.key_sync_interval on legacy Edge",
+        )
+    return config
 
 
 def remote_token_jwks_url(remote_service_api: str) -> str:
@@ -504,7 +552,25 @@ def _tenant(s: _Section) -> TenantConfig:
         ),
         remote_token_jwks_url=s.url("remote_token_jwks_url"),
         management_api=s.url("management_api", DEFAULT_MANAGEMENT_API, required=True),
+        key_sync_interval=_key_sync_interval(s),
+        management_user=s.text("management_user"),
+        management_password=s.text("management_password"),
     )
+
+
+def _key_sync_interval(s: _Section) -> float:
+    interval = s.duration("key_sync_interval", 0.0)
+    if 0 < interval < MIN_KEY_SYNC_INTERVAL:
+        raise s.error(
+            "key_sync_interval", f"must be 0s (off) or at least {format_duration(MIN_KEY_SYNC_INTERVAL)}"
+        )
+    if 0 < interval < KEY_SYNC_WARN_BELOW:
+        _log.warning(
+            "%s: tenant.key_sync_interval %s is below 1m; every sync lists every app of the org",
+            s.file,
+            format_duration(interval),
+        )
+    return interval
 
 
 def _products(s: _Section) -> ProductsConfig:
@@ -559,6 +625,7 @@ def _auth(s: _Section) -> AuthConfig:
         jwt_provider_key=s.text("jwt_provider_key"),
         append_metadata_headers=s.flag("append_metadata_headers"),
         api_key_verify_wait=s.duration("api_key_verify_wait", DEFAULT_API_KEY_VERIFY_WAIT, positive=True),
+        api_key_verify_rate=s.integer("api_key_verify_rate", DEFAULT_API_KEY_VERIFY_RATE, 1),
         jwt_providers=parse_providers(s.items("jwt_providers", JwtProvider)),
         quota_headers=s.flag("quota_headers"),
         quota_sync_wait=s.duration("quota_sync_wait", DEFAULT_QUOTA_SYNC_WAIT, positive=True),

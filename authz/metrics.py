@@ -182,13 +182,15 @@ def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
         ),
         api_key_lookups=Counter(
             "api_key_cache_lookups",
-            "API-key cache lookups by result (hit, stale, negative, miss).",
+            "API-key lookups by result (index: in the key index; hit, stale, negative, miss: in the "
+            "verifyApiKey cache).",
             ["org", "result"],
             registry=registry,
         ),
         api_key_verifications=Counter(
             "api_key_verifications",
-            "verifyApiKey outcomes (valid, invalid, unavailable, bad_token, refused while backing off).",
+            "verifyApiKey outcomes (valid, invalid, unavailable, bad_token, refused while backing off, "
+            "shed over auth.api_key_verify_rate while a key index is loaded).",
             ["org", "result"],
             registry=registry,
         ),

@@ -1,11 +1,11 @@
 """KeySync: keeps the KeyIndex current from the management API, and on disk for a cold start.
 
-A full listing (developers, then apps) at start-up and every ``interval`` (±10 % jitter) builds a new
-index, swapped in whole like the product catalog; a failure backs off from 1 s, doubling up to
+A full listing (developers, then apps) as ``run()`` starts and every ``interval`` (±10 % jitter) builds
+a new index, swapped in whole like the product catalog; a failure backs off from 1 s, doubling up to
 ``interval``, and keeps the last good index. After each good sync the index is written to
-``snapshot_path`` (atomic, 0600): digests and what they grant, never a key. A start-up during an outage
-reads it, so every key known at the last sync keeps working. ``refresh_app`` is the early, incremental
-sync of one app, after ``/verifyApiKey`` vouched for a key the index did not have.
+``snapshot_path`` (atomic, 0600): digests and what they grant, never a key. ``restore()`` reads it at
+start-up, so every key known at the last sync works at once, and through an outage. ``refresh_app`` is
+the early, incremental sync of one app, after ``/verifyApiKey`` vouched for a key the index lacked.
 
 Revocation latency: a change in Apigee takes effect here at the next good sync, at most ``interval`` (plus
 the listing's own duration) later; ``key_index_synced_timestamp_seconds`` says when that was.
@@ -48,6 +48,8 @@ class KeySync:
         self._snapshot_path = snapshot_path
         self._random = random
         self.index: KeyIndex | None = None
+        self.generation = 0  # bumped whenever the index changes (swapped, or one app added)
+        self.source = "none"  # where the index in use came from: none, snapshot, apigee
         self._developers: dict[str, Developer] = {}
         self._failures = 0
         self._retry_after = 0.0
@@ -57,18 +59,17 @@ class KeySync:
     def next_delay(self) -> float:
         return poll_delay(self._interval, self._failures, self._retry_after, self._random())
 
-    async def load(self) -> None:
-        """The first sync; if it fails, the snapshot (if any). Never raises."""
-        if not await self.sync() and self.index is None and self._snapshot_path is not None:
+    async def restore(self) -> None:
+        """Install the snapshot, if usable (a start-up before the first listing). Never raises."""
+        if self._snapshot_path is not None:
             await self._load_snapshot(self._snapshot_path)
 
     async def run(self) -> None:
-        """Sync every ``next_delay()`` until ``stop()``."""
+        """Sync now, then every ``next_delay()`` until ``stop()``."""
         while not self._stopped.is_set():
+            await self.sync()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self.next_delay())
-            if not self._stopped.is_set():
-                await self.sync()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -96,6 +97,7 @@ class KeySync:
         self._failures, self._retry_after = 0, 0.0
         self._developers = developers
         self._install(index, self._clock.now())
+        self.source = "apigee"
         self._metrics.key_syncs.labels(self._org, "ok").inc()
         log.info(
             "key index synced: %d keys of %d apps (%d left to /verifyApiKey) in %.1f s",
@@ -120,6 +122,7 @@ class KeySync:
             app = await self._client.app(app_id)
             if app is not None and self.index is not None:
                 self.index.add_app(app, self._developers)
+                self.generation += 1
                 self._metrics.key_index_keys.labels(self._org).set(len(self.index))
         except Exception as exc:
             log.warning("key sync of app %s failed: %s", app_id, exc)
@@ -128,6 +131,7 @@ class KeySync:
 
     def _install(self, index: KeyIndex, synced_at: float) -> None:
         self.index = index
+        self.generation += 1
         self._metrics.key_index_keys.labels(self._org).set(len(index))
         self._metrics.key_index_synced.labels(self._org).set(synced_at)
 
@@ -135,14 +139,15 @@ class KeySync:
         try:
             index, synced_at = await asyncio.to_thread(_read_snapshot, path, self._org)
         except FileNotFoundError:
-            log.warning("no key snapshot at %s: keys are checked with /verifyApiKey until a sync", path)
+            log.info("no key snapshot at %s: keys are checked with /verifyApiKey until a sync", path)
             return
         except Exception as exc:
             log.error("ignoring the key snapshot %s: %s", path, exc)
             return
         self._install(index, synced_at)
-        log.warning(
-            "management API unreachable: %d keys from the snapshot %s, synced %.0f s ago",
+        self.source = "snapshot"
+        log.info(
+            "%d keys from the snapshot %s, synced %.0f s ago, until the first listing",
             len(index), path, max(0.0, self._clock.now() - synced_at),
         )  # fmt: skip
 

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random as _random
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +108,8 @@ class ApiKeyCache:
         self._probing = False  # one call at a time tests Apigee once the retry time has passed
         self._swept_at = float("-inf")
         self._closed = False
+        # Told the claims of every valid verification (the key index syncs the app early); never raises.
+        self.on_valid: Callable[[Mapping[str, Any]], None] | None = None
         lookups, verifications = metrics.api_key_lookups, metrics.api_key_verifications
         self._hit, self._stale = lookups.labels(org, "hit"), lookups.labels(org, "stale")
         self._neg, self._miss = lookups.labels(org, "negative"), lookups.labels(org, "miss")
@@ -163,6 +165,10 @@ class ApiKeyCache:
         await asyncio.wait((task,))  # a cancelled caller leaves the shared call running
         return DenyReason.AUTH_UNAVAILABLE if task.cancelled() else task.result()
 
+    def in_flight(self, api_key: str) -> bool:
+        """Whether a verification of this key is under way (``verify`` would join it, not call again)."""
+        return api_key in self._inflight
+
     async def drain(self) -> None:
         """Wait for the verifications and background refreshes in flight (for tests and shutdown)."""
         while self._inflight:
@@ -210,6 +216,8 @@ class ApiKeyCache:
                 found = credential(api_key, claims)
                 self._failures = 0
                 self._outcomes["valid"].inc()
+                if self.on_valid is not None:
+                    self.on_valid(claims)
                 return self._set_positive(api_key, found, claims["exp"] - self._clock.now())
         except ApigeeError as exc:
             result = "unavailable"

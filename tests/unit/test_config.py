@@ -128,6 +128,7 @@ def test_full_config_sets_every_key() -> None:
             jwt_provider_key="https://apigee.example.com/remote-token/token",
             append_metadata_headers=True,
             api_key_verify_wait=0.3,
+            api_key_verify_rate=50,
         ),
     )
     assert config.tenant.multi_tenant
@@ -564,6 +565,9 @@ def test_effective_config_renders_the_file_shape_and_loads_back(tmp_path: Path) 
             "catalog_poll_interval": "2s",
             "remote_token_jwks_url": "",
             "management_api": "https://apigee.googleapis.com",
+            "key_sync_interval": "0s",
+            "management_user": "",
+            "management_password": "",
         },
         "products": {"refresh_rate": "2m0s"},
         "analytics": {
@@ -584,6 +588,7 @@ def test_effective_config_renders_the_file_shape_and_loads_back(tmp_path: Path) 
             "jwt_provider_key": "",
             "append_metadata_headers": False,
             "api_key_verify_wait": "800ms",
+            "api_key_verify_rate": 10,
             "jwt_providers": [],
             "quota_headers": False,
             "quota_sync_wait": "250ms",
@@ -644,8 +649,63 @@ def test_kubernetes_objects_that_carry_no_config_are_ignored(tmp_path: Path) -> 
     )
 
 
+def test_key_sync_on_apigee_x_uses_the_management_api_with_google_credentials(tmp_path: Path) -> None:
+    secret_dir, *_ = _policy_secret_dir(tmp_path)
+    path = _apigee_plain_config(tmp_path)
+    assert not load_config(path, str(secret_dir)).tenant.key_sync  # off by default
+    path.write_text(path.read_text() + "  key_sync_interval: 5m\n")
+
+    tenant = load_config(path, str(secret_dir)).tenant
+
+    assert (tenant.key_sync, tenant.key_sync_interval, tenant.management_api) == (
+        True,
+        300.0,
+        "https://apigee.googleapis.com",
+    )
+
+
+def test_key_sync_on_legacy_edge_uses_basic_auth_and_its_own_management_api() -> None:
+    config = load_config(FIXTURES / "valid_legacy_key_sync.yaml")
+
+    tenant = config.tenant
+    assert (tenant.key_sync_interval, tenant.management_api, tenant.management_user) == (
+        600.0,
+        "https://api.enterprise.apigee.com",
+        "ops@acme.example",
+    )
+    assert tenant.management_password == "hunter2"
+    assert "hunter2" not in repr(config)
+    assert effective_config(config)["tenant"]["management_password"] == "***"  # type: ignore[index]
+
+
+def test_a_short_key_sync_interval_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    secret_dir, *_ = _policy_secret_dir(tmp_path)
+    path = _apigee_plain_config(tmp_path)
+    path.write_text(path.read_text() + "  key_sync_interval: 5s\n")
+
+    assert load_config(path, str(secret_dir)).tenant.key_sync_interval == 5.0
+    assert "tenant.key_sync_interval 5s is below 1m" in caplog.text
+
+
 # One fixture per invalid case; {dir} stands for the fixtures directory.
 INVALID = {
+    "invalid_key_sync_below_minimum.yaml": "tenant.key_sync_interval: must be 0s (off) or at least 1s",
+    "invalid_key_sync_standalone.yaml": (
+        "tenant.key_sync_interval: only for Apigee mode (tenant.catalog_file is set)"
+    ),
+    "invalid_key_sync_edge_without_password.yaml": (
+        "tenant.management_password: required for tenant.key_sync_interval on legacy Edge (Basic auth)"
+    ),
+    "invalid_key_sync_edge_on_google.yaml": (
+        "tenant.management_api: set it to your Edge management API (https://api.enterprise.apigee.com for "
+        "Edge SaaS) for tenant.key_sync_interval on legacy Edge"
+    ),
+    "invalid_management_user_without_key_sync.yaml": (
+        "tenant.management_user: only for legacy Edge (tenant.internal_api set) with "
+        "tenant.key_sync_interval; Apigee X and hybrid list apps with Google credentials (the analytics "
+        "service account or ADC)"
+    ),
+    "invalid_api_key_verify_rate_zero.yaml": "auth.api_key_verify_rate: must be at least 1, got 0",
     "invalid_address_not_string.yaml": "global.api_address: expected a string, got integer",
     "invalid_analytics_secret_not_json.yaml": (
         "Secret/acme-test-analytics-secret data.client_secret.json: not a JSON object"
@@ -713,7 +773,7 @@ INVALID = {
     "invalid_k8s_inner_unknown_key.yaml": (
         "tenant.org: unknown key (expected one of: internal_api, remote_service_api, org_name, env_name, "
         "key, secret, client_timeout, tls, catalog_file, catalog_poll_interval, remote_token_jwks_url, "
-        "management_api)"
+        "management_api, key_sync_interval, management_user, management_password)"
     ),
     "invalid_k8s_inner_yaml.yaml": (
         "ConfigMap/apigee-remote-service-envoy data.config.yaml: invalid YAML at line 3, column 1: "
@@ -769,7 +829,7 @@ INVALID = {
     "invalid_unknown_key_no_match.yaml": (
         "auth.frobnicate: unknown key (expected one of: api_key_claim, api_key_cache_duration, "
         "api_key_header, api_header, allow_unauthorized, jwt_provider_key, append_metadata_headers, "
-        "api_key_verify_wait, jwt_providers, quota_headers, quota_sync_wait, quota_metrics_per_id)"
+        "api_key_verify_wait, api_key_verify_rate, jwt_providers, quota_headers, quota_sync_wait, quota_metrics_per_id)"
     ),
     "invalid_unknown_section.yaml": "tenants: unknown section (did you mean 'tenant'?)",
     "invalid_url_scheme.yaml": (

@@ -121,8 +121,8 @@ async def test_the_snapshot_serves_a_cold_start_when_apigee_is_down(fake, client
 
     fake.fail_next("developers", 503)
     cold = sync_for(client, new_metrics(), clock, tmp_path)
-    await cold.load()
-    assert cold.index is not None
+    await cold.restore()
+    assert cold.index is not None and cold.source == "snapshot"
     found = cold.index.get(digest("good"))
     assert found is not None and found.active and found.app_name == "orders-app"
 
@@ -137,7 +137,7 @@ async def test_an_unusable_snapshot_is_ignored(fake, client, metrics, clock, tmp
     fake.fail_next("developers", 503)
     sync = sync_for(client, metrics, clock, tmp_path)
     with caplog.at_level(logging.ERROR):
-        await sync.load()
+        await sync.restore()
     assert sync.index is None and "ignoring the key snapshot" in caplog.text
 
 
@@ -197,10 +197,16 @@ async def test_a_snapshot_that_cannot_be_written_is_counted(fake, client, metric
 
 
 async def test_no_snapshot_no_index(fake, client, metrics, clock, tmp_path, caplog):
-    fake.fail_next("developers", 503)
     sync = sync_for(client, metrics, clock, tmp_path)
-    await sync.load()
-    assert sync.index is None and "no key snapshot" in caplog.text
+    with caplog.at_level(logging.INFO):
+        await sync.restore()
+    assert sync.index is None and sync.source == "none" and "no key snapshot" in caplog.text
+
+
+async def test_restore_without_a_snapshot_path_does_nothing(fake, client, metrics, clock):
+    sync = sync_for(client, metrics, clock)
+    await sync.restore()
+    assert sync.index is None and sync.generation == 0
 
 
 async def test_refresh_app_failures_leave_the_index(fake, client, metrics, clock, caplog):

@@ -1,0 +1,110 @@
+"""IndexedKeys: API keys answered from the key index first, ``/verifyApiKey`` only for keys it lacks.
+
+The ``KeySource`` of Apigee mode when ``tenant.key_sync_interval`` is set. Lookup order:
+
+1. **Index hit**: decided here with no I/O. A revoked or expired key is in the index too (inactive, or
+   with its ``expiresAt``), so it is a 401 at once, with no round trip. The index holds digests only; the
+   Credential handed to the caller (``client_id`` = the key, as the GCP proxy's tokens say) is built once
+   per key and index generation and kept in a bounded memo, so a cached allow can check it is still the
+   same object.
+2. **Index miss**: the ``ApiKeyCache`` (its cache, single flight and negative cache), then
+   ``/verifyApiKey`` for a key created since the last sync. While an index is loaded, new calls go through
+   a token bucket (``auth.api_key_verify_rate`` a second, the same as burst): a burst of random keys costs
+   Apigee at most that many calls, and what is shed is counted
+   (``api_key_verifications_total{result="shed"}``) and answered 401, as unknown. Before the first index
+   (sync and snapshot both unavailable) nothing is shed: the cache alone is what the service had before.
+3. A key ``/verifyApiKey`` vouched for triggers an early sync of its app (``application_id``), so the next
+   request finds it in the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any, Final
+
+from authz.apigee.key_index import digest, for_caller
+from authz.apigee.key_sync import KeySync
+from authz.apigee.keys import ApiKeyCache
+from authz.clock import Clock
+from authz.decision.model import Credential, DenyReason
+from authz.metrics import Metrics
+
+MEMO_SIZE: Final = 10_000  # keys whose caller Credential is kept; emptied whole when full
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``rate`` saved up (so a burst is at most ``rate`` calls)."""
+
+    def __init__(self, rate: float, clock: Clock) -> None:
+        self._rate = rate
+        self._clock = clock
+        self._tokens = rate
+        self._at = clock.monotonic()
+
+    def take(self) -> bool:
+        now = self._clock.monotonic()
+        self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+class IndexedKeys:
+    def __init__(
+        self, sync: KeySync, fallback: ApiKeyCache, org: str, metrics: Metrics, clock: Clock,
+        verify_rate: float,
+    ) -> None:  # fmt: skip
+        self._sync = sync
+        self._fallback = fallback
+        self._bucket = TokenBucket(verify_rate, clock)
+        self._memo: dict[str, Credential] = {}
+        self._generation = -1  # the sync generation the memo belongs to
+        self._refreshes: set[asyncio.Task[None]] = set()
+        self._indexed = metrics.api_key_lookups.labels(org, "index")
+        self._shed = metrics.api_key_verifications.labels(org, "shed")
+        fallback.on_valid = self._verified
+
+    def lookup(self, api_key: str) -> Credential | DenyReason | None:
+        """The index's answer; else the fallback cache's (None: not known anywhere yet)."""
+        index = self._sync.index
+        if index is not None and api_key.isascii():
+            if self._generation != self._sync.generation:
+                self._memo.clear()
+                self._generation = self._sync.generation
+            found = self._memo.get(api_key)
+            if found is not None:
+                self._indexed.inc()
+                return found
+            key_digest = digest(api_key)
+            stored = index.get(key_digest)
+            if stored is not None:
+                if len(self._memo) >= MEMO_SIZE:
+                    self._memo.clear()
+                found = self._memo[api_key] = for_caller(stored, api_key, key_digest)
+                self._indexed.inc()
+                return found
+        return self._fallback.lookup(api_key)
+
+    async def verify(self, api_key: str) -> Credential | DenyReason:
+        """``/verifyApiKey`` for a key the index does not have, within the rate while an index is loaded."""
+        if self._sync.index is not None and not self._fallback.in_flight(api_key) and not self._bucket.take():
+            self._shed.inc()
+            return DenyReason.UNKNOWN_KEY
+        return await self._fallback.verify(api_key)
+
+    async def close(self) -> None:
+        """Cancel the early app syncs in flight (the fallback cache is closed by its owner)."""
+        tasks = list(self._refreshes)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _verified(self, claims: Mapping[str, Any]) -> None:
+        app_id = claims.get("application_id")
+        if isinstance(app_id, str) and app_id and self._sync.index is not None:
+            task = asyncio.get_running_loop().create_task(self._sync.refresh_app(app_id))
+            self._refreshes.add(task)
+            task.add_done_callback(self._refreshes.discard)
