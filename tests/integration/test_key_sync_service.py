@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
@@ -116,6 +117,13 @@ async def check(service: Service, req: Any) -> Any:
         return await external_auth_pb2_grpc.AuthorizationStub(channel).Check(req, timeout=5)
 
 
+async def readyz(service: Service) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.http_port}") as http:
+        response = await http.get("/readyz")
+        assert response.status_code == 200
+        return response.json()
+
+
 def sample(service: Service, name: str, **labels: str) -> float:
     return service.metrics.registry.get_sample_value(name, {"org": "org", **labels}) or 0.0
 
@@ -161,6 +169,7 @@ async def test_revoked_in_the_index_is_a_401_at_once_without_a_call(stack):
     stack.fake.revoke_key("bad")
     service = await stack.start()
     await synced(service)
+    assert (await readyz(service))["key_index_source"] == "apigee"
     assert outcome(await check(service, check_request(key="good"))) == (200, "")
     assert outcome(await check(service, check_request(key="bad"))) == (401, "revoked_key")
     assert stack.fake.calls["verifyApiKey"] == 0
@@ -236,7 +245,7 @@ async def test_cold_start_with_apigee_down_serves_known_keys_from_the_snapshot(s
     for endpoint in ("developers", "apps", "verifyApiKey", "products"):
         stack.fake.fail_next(endpoint, 503, count=1000)
     second = await stack.start(temp_dir="restarted")
-    assert second.apigee.key_sync.source == "snapshot"
+    assert (await readyz(second))["key_index_source"] == "snapshot"
     assert outcome(await check(second, check_request(key="good"))) == (200, "")
     assert outcome(await check(second, check_request(key="bad"))) == (401, "revoked_key")
     await until(lambda: sample(second, "key_syncs_total", result="error") >= 1, "a failed sync")
@@ -247,3 +256,37 @@ def _digest(key: str) -> bytes:
     from authz.apigee.key_index import digest
 
     return digest(key)
+
+
+async def test_legacy_edge_lists_with_basic_auth_over_rows_pages(tmp_path, monkeypatch):
+    from authz.apigee import management
+
+    monkeypatch.setattr(management, "EDGE_APPS_ROWS", 3)  # several pages from a handful of apps
+    fake = FakeApigee(basic_auth=("key", "secret"), management_basic=("ops@acme.example", "s3cret"))
+    fake.set_products(PRODUCTS)
+    fake.apps_rows_max = 3
+    for i in range(7):
+        fake.add_key(f"edge-{i}", app=f"app-{i}", developer_email=DEV, products=["orders"])
+    fake.revoke_key("edge-6")
+    async with await fake.serve("127.0.0.1", 0) as server:
+        tenant = (
+            f"  internal_api: {server.internal_api_url}\n  key: key\n  secret: secret\n"
+            f"  key_sync_interval: 1h\n  management_api: {server.management_url}\n"
+            "  management_user: ops@acme.example\n  management_password: s3cret\n"
+        )
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            apigee_config_yaml(server.remote_service_url, str(tmp_path / "tmp"), extra_tenant=tenant)
+        )
+        service = Service(load_config(config))
+        await service.start()
+        try:
+            await synced(service)
+            assert sample(service, "key_index_keys") == 7
+            assert fake.calls["apps"] == 4  # 3, then 1 + 2 new, 1 + 2 new, 1 + 0: a short page ends it
+            for i in range(6):
+                assert outcome(await check(service, check_request(key=f"edge-{i}"))) == (200, "")
+            assert outcome(await check(service, check_request(key="edge-6"))) == (401, "revoked_key")
+            assert fake.calls["verifyApiKey"] == 0
+        finally:
+            await service.stop()
