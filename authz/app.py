@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import grpc
-import httpx
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from grpc_health.v1 import health_pb2_grpc
 
@@ -266,12 +265,12 @@ class _Apigee:
         self.keys: ApiKeyCache | IndexedKeys = self.cache
         self.key_sync: KeySync | None = None
         self.indexed: IndexedKeys | None = None
-        self.edge_http: httpx.AsyncClient | None = None
+        self.management: ManagementClient | None = None
         if tenant.key_sync:
+            self.management = self._management(config, metrics)
             self.key_sync = KeySync(
-                self._management(config, metrics), org, metrics, clock, tenant.key_sync_interval,
-                key_snapshot_path(config),
-            )  # fmt: skip
+                self.management, org, metrics, clock, tenant.key_sync_interval, key_snapshot_path(config)
+            )
             self.keys = self.indexed = IndexedKeys(
                 self.key_sync, self.cache, org, metrics, clock, config.auth.api_key_verify_rate
             )
@@ -312,9 +311,10 @@ class _Apigee:
             await self.indexed.close()
         await self.cache.close()
         await self.http.aclose()
-        for http in (self.google_http, self.edge_http):
-            if http is not None:
-                await http.aclose()
+        if self.google_http is not None:
+            await self.google_http.aclose()
+        if self.management is not None:
+            await self.management.aclose()
         if self.google is not None:
             self.google.close()
 

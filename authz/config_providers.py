@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from authz.config import _Section
+    from authz.config_values import Section
 
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
 DEFAULT_CLOCK_SKEW = 60.0
@@ -57,7 +57,7 @@ class JwtProvider:
     forward: bool = False  # keep the token in the upstream request (Envoy jwt_authn's "forward")
 
 
-def parse_providers(items: list[_Section]) -> tuple[JwtProvider, ...]:
+def parse_providers(items: list[Section]) -> tuple[JwtProvider, ...]:
     """Parse and cross-check the list: names and issuers unique. Raises ConfigError."""
     providers: list[JwtProvider] = []
     for s in items:
@@ -71,7 +71,7 @@ def parse_providers(items: list[_Section]) -> tuple[JwtProvider, ...]:
     return tuple(providers)
 
 
-def _provider(s: _Section) -> JwtProvider:
+def _provider(s: Section) -> JwtProvider:
     issuer = s.url("issuer")
     if not issuer:
         raise s.error("issuer", "required")

@@ -68,7 +68,9 @@ class ManagementClient:
         metrics: Metrics,
         *,
         basic: tuple[str, str] | None = None,
+        owns_http: bool = False,
     ) -> None:
+        """``owns_http``: ``aclose()`` closes ``http`` (a client made for this one); else its owner does."""
         if (token is None) == (basic is None):
             raise ValueError("ManagementClient needs exactly one of a Google token and Basic credentials")
         self._http = http
@@ -80,6 +82,11 @@ class ManagementClient:
             user, password = basic
             self._basic = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         self._metrics = metrics
+        self._owns_http = owns_http
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
 
     async def apps(self) -> AsyncIterator[dict[str, Any]]:
         """Every page of the app listing, in order (on Edge, each page after the first without its first

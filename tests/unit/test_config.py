@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from authz import config as cfg
 from authz.config import (
-    Address,
     AnalyticsConfig,
     AuthConfig,
     Config,
@@ -26,11 +25,9 @@ from authz.config import (
     TenantConfig,
     TenantTLS,
     effective_config,
-    format_duration,
     load_config,
-    parse_address,
-    parse_duration,
 )
+from authz.config_values import Address, format_duration, parse_address, parse_duration
 from authz.errors import ConfigError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "config"
