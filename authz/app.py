@@ -283,10 +283,10 @@ class _Apigee:
             return ManagementClient(
                 self.google_http, tenant.management_api, tenant.org_name, self.google, metrics
             )
-        self.edge_http = new_google_http_client(tenant.client_timeout)
+        http = new_google_http_client(tenant.client_timeout)
         basic = (tenant.management_user, tenant.management_password)
         return ManagementClient(
-            self.edge_http, tenant.management_api, tenant.org_name, None, metrics, basic=basic
+            http, tenant.management_api, tenant.org_name, None, metrics, basic=basic, owns_http=True
         )
 
     async def start(self) -> list[asyncio.Task[None]]:

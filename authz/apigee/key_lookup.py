@@ -5,8 +5,8 @@ The ``KeySource`` of Apigee mode when ``tenant.key_sync_interval`` is set. Looku
 1. **Index hit**: decided here with no I/O. A revoked or expired key is in the index too (inactive, or
    with its ``expiresAt``), so it is a 401 at once, with no round trip. The index holds digests only; the
    Credential handed to the caller (``client_id`` = the key, as the GCP proxy's tokens say) is built once
-   per key and index generation and kept in a bounded memo, so a cached allow can check it is still the
-   same object.
+   and kept in a bounded memo; after a sync it is the same object as long as the key grants the same, so
+   the allows cached on it stay valid.
 2. **Index miss**: the ``ApiKeyCache`` (its cache, single flight and negative cache), then
    ``/verifyApiKey`` for a key created since the last sync. While an index is loaded, new calls go through
    a token bucket (``auth.api_key_verify_rate`` a second, the same as burst): a burst of random keys costs
@@ -60,8 +60,8 @@ class IndexedKeys:
         self._sync = sync
         self._fallback = fallback
         self._bucket = TokenBucket(verify_rate, clock)
-        self._memo: dict[str, Credential] = {}
-        self._generation = -1  # the sync generation the memo belongs to
+        # key -> (sync generation checked at, the index's credential, the caller's credential)
+        self._memo: dict[str, tuple[int, Credential, Credential]] = {}
         self._refreshes: set[asyncio.Task[None]] = set()
         self._indexed = metrics.api_key_lookups.labels(org, "index")
         self._shed = metrics.api_key_verifications.labels(org, "shed")
@@ -69,21 +69,22 @@ class IndexedKeys:
 
     def lookup(self, api_key: str) -> Credential | DenyReason | None:
         """The index's answer; else the fallback cache's (None: not known anywhere yet)."""
-        index = self._sync.index
+        index, generation = self._sync.index, self._sync.generation
         if index is not None and api_key.isascii():
-            if self._generation != self._sync.generation:
-                self._memo.clear()
-                self._generation = self._sync.generation
-            found = self._memo.get(api_key)
-            if found is not None:
+            memo = self._memo.get(api_key)
+            if memo is not None and memo[0] == generation:
                 self._indexed.inc()
-                return found
+                return memo[2]
             key_digest = digest(api_key)
             stored = index.get(key_digest)
             if stored is not None:
-                if len(self._memo) >= MEMO_SIZE:
-                    self._memo.clear()
-                found = self._memo[api_key] = for_caller(stored, api_key, key_digest)
+                if memo is not None and memo[1] == stored:
+                    found = memo[2]  # unchanged by the sync: the same object
+                else:
+                    found = for_caller(stored, api_key, key_digest)
+                    if len(self._memo) >= MEMO_SIZE:
+                        self._memo.clear()
+                self._memo[api_key] = (generation, stored, found)
                 self._indexed.inc()
                 return found
         return self._fallback.lookup(api_key)

@@ -98,7 +98,6 @@ class KeySync:
         self._developers = developers
         self._install(index, self._clock.now())
         self.source = "apigee"
-        self._metrics.key_syncs.labels(self._org, "ok").inc()
         log.info(
             "key index synced: %d keys of %d apps (%d left to /verifyApiKey) in %.1f s",
             len(index), len(apps), index.skipped, self._clock.monotonic() - started,
@@ -111,15 +110,19 @@ class KeySync:
             except Exception as exc:  # serving never depends on the snapshot file
                 self._metrics.key_syncs.labels(self._org, "snapshot_error").inc()
                 log.error("cannot write the key snapshot %s: %s", self._snapshot_path, exc)
+        self._metrics.key_syncs.labels(self._org, "ok").inc()  # after the snapshot: "ok" means on disk too
         return True
 
     async def refresh_app(self, app_id: str) -> None:
-        """Fetch one app and add its credentials to the index (one fetch per app at a time). Never raises."""
+        """Fetch one app (and its developer, if new since the listing or after a restart from the
+        snapshot) and add its credentials to the index (one fetch per app at a time). Never raises."""
         if self.index is None or not app_id or app_id in self._refreshing:
             return
         self._refreshing.add(app_id)
         try:
             app = await self._client.app(app_id)
+            if app is not None:
+                await self._learn_developer(app)
             if app is not None and self.index is not None:
                 self.index.add_app(app, self._developers)
                 self.generation += 1
@@ -128,6 +131,15 @@ class KeySync:
             log.warning("key sync of app %s failed: %s", app_id, exc)
         finally:
             self._refreshing.discard(app_id)
+
+    async def _learn_developer(self, app: dict[str, Any]) -> None:
+        """Fetch the app's developer unless known (an app group's app has none)."""
+        wanted = [w for k in ("developerEmail", "developerId") if isinstance(w := app.get(k), str) and w]
+        if not wanted or any(w in self._developers or w.lower() in self._developers for w in wanted):
+            return
+        developer = await self._client.developer(wanted[0])
+        if developer is not None:
+            self._developers.update(developers_from([{"developer": [developer]}]))
 
     def _install(self, index: KeyIndex, synced_at: float) -> None:
         self.index = index

@@ -7,6 +7,7 @@ Apigee X / hybrid (``https://apigee.googleapis.com``), with a Google bearer toke
     GET {base}/v1/organizations/{org}/developers?expand=true&count=1000[&startKey=EMAIL]
         -> {"developer": [Developer...]}                     by email; startKey is inclusive (Apigee's rule)
     GET {base}/v1/organizations/{org}/apps/{appId}           one App (an early sync after a fallback hit)
+    GET {base}/v1/organizations/{org}/developers/{email}     its Developer, when the listing did not have it
 
 Legacy Apigee Edge (SaaS ``https://api.enterprise.apigee.com``, or OPDK's management server), with HTTP
 Basic auth of an org user (``basic=(username, password)``): the same JSON shapes, developers and one app
@@ -124,8 +125,15 @@ class ManagementClient:
 
     async def app(self, app_id: str) -> dict[str, Any] | None:
         """One app with its credentials; None when Apigee does not know it (404)."""
+        return await self._one("app", f"/apps/{quote(app_id, safe='')}")
+
+    async def developer(self, email_or_id: str) -> dict[str, Any] | None:
+        """One developer, by email or developerId; None when Apigee does not know it (404)."""
+        return await self._one("developer", f"/developers/{quote(email_or_id, safe='@')}")
+
+    async def _one(self, api: str, path: str) -> dict[str, Any] | None:
         try:
-            return await self._get("app", f"/apps/{quote(app_id, safe='')}", {})
+            return await self._get(api, path, {})
         except ApigeeRejected as exc:
             if exc.status == 404:
                 return None

@@ -56,6 +56,7 @@ state, so a listing and a key check always agree:
             appId above it), rows 0/absent = `apps_rows_max` (1000), larger is clamped; no nextPageToken
             (the caller asks again from its last appId until a page is short); bad rows -> 400
     GET  /v1/organizations/{org}/apps/{appId}      -> App with credentials; unknown -> 404 NOT_FOUND
+    GET  /v1/organizations/{org}/developers/{email or developerId} -> Developer; unknown -> 404 NOT_FOUND
     GET  /v1/organizations/{org}/developers?expand=true&count=N&startKey=EMAIL
          -> {"developer": [Developer...]} by email, from startKey on (**inclusive**, as Apigee documents),
             count 0/absent = 1000, larger is clamped; without expand=true [{"email"}] only
@@ -75,7 +76,8 @@ products. Auth is the Google Bearer token `datalocation` takes (401 UNAUTHENTICA
 `management_basic=(username, password)` (an Edge org user), exactly that HTTP Basic pair (otherwise 401 with
 Edge's `{"code", "message", "contexts"}`; a Bearer token is refused too). An org other than the fake's is a
 404 NOT_FOUND. Other errors are Google's `{"error": {"code", "message", "status"}}`, except the Edge
-paging's 400, which is Edge's. Fault knobs take the endpoint names `apps`, `app` and `developers`.
+paging's 400, which is Edge's. Fault knobs take the endpoint names `apps`, `app`, `developers` and
+`developer`.
 
 Not covered: `{base}/version`, `{base}/rotate`, `Expect: 100-continue`; over loopback, bodies over 1 MiB get
 413 (http_server.MAX_BODY).
@@ -105,7 +107,7 @@ from datetime import UTC, datetime
 from functools import partial
 from types import TracebackType
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote, urlencode
 
 import httpx
 import jwt
@@ -127,7 +129,7 @@ ENDPOINTS = frozenset(
     {
         "products", "verifyApiKey", "certs", "token", "quotas",
         "analytics_url", "datalocation", "signed_put", "axpublisher", "oauth_token",
-        "apps", "app", "developers",
+        "apps", "app", "developers", "developer",
     }
 )  # fmt: skip
 AUDIENCE = "remote-service-client"
@@ -291,6 +293,12 @@ class FakeApigee:
             (re.compile(f"{management}/apps"), "apps", "GET", self._list_apps),
             (re.compile(f"{management}/apps/(?P<app_id>[^/]+)"), "app", "GET", self._get_app),
             (re.compile(f"{management}/developers"), "developers", "GET", self._list_developers),
+            (
+                re.compile(f"{management}/developers/(?P<developer>[^/]+)"),
+                "developer",
+                "GET",
+                self._get_developer,
+            ),
         ]
 
     # -- state -----------------------------------------------------------------------------------------
@@ -716,6 +724,16 @@ class FakeApigee:
         if app is None:
             return _google_error(404, f'App "{app_id}" not found.', "NOT_FOUND")
         return _json(200, app_json(app, credentials=True))
+
+    def _get_developer(self, request: httpx.Request, org: str, developer: str) -> httpx.Response:
+        """One developer by email (any case) or developerId, as Apigee X and Edge both accept."""
+        if (refusal := self._management_refusal(request, org)) is not None:
+            return refusal
+        wanted = unquote(developer).lower()
+        for found in self.directory.developers.values():
+            if wanted in (found.email, found.developer_id):
+                return _json(200, developer_json(found, self.directory.app_names(found)))
+        return _google_error(404, f'Developer "{developer}" not found.', "NOT_FOUND")
 
     def _list_developers(self, request: httpx.Request, org: str) -> httpx.Response:
         if (refusal := self._management_refusal(request, org)) is not None:

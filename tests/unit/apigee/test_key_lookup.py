@@ -81,13 +81,16 @@ async def test_an_index_hit_is_answered_without_a_call_and_is_the_same_object(pa
     assert sample(metrics, "api_key_cache_lookups_total", "index") == 3
 
 
-async def test_a_new_index_gives_new_objects(parts):
+async def test_a_sync_keeps_the_object_while_the_key_grants_the_same(parts, fake):
     sync, _, keys = parts
     await sync.sync()
     before = keys.lookup("known")
     await sync.sync()
+    assert keys.lookup("known") is before  # allows cached on it stay valid
+    fake.set_credential_product_status("known", "orders", "revoked")
+    await sync.sync()
     after = keys.lookup("known")
-    assert after == before and after is not before
+    assert isinstance(after, Credential) and after.products == () and after is not before
 
 
 async def test_the_memo_is_bounded(parts, monkeypatch):

@@ -358,3 +358,37 @@ async def test_an_oversized_answer_is_unavailable(fake, client, monkeypatch):
     fake.add_app("orders-app", "dev@example.com")
     with pytest.raises(ApigeeUnavailable, match="answer over 10 bytes"):
         [p async for p in client.apps()]
+
+
+async def test_refresh_app_learns_a_developer_who_signed_up_since_the_listing(fake, client, metrics, clock):
+    fake.add_key("old", app="orders-app", developer_email="dev@example.com", products=["orders"])
+    sync = sync_for(client, metrics, clock)
+    await sync.sync()
+    fake.add_key("new", app="first-app", developer_email="Newcomer@Example.com", products=["orders"])
+    app = fake.directory.find_app("newcomer@example.com", "first-app")
+    await sync.refresh_app(app.app_id)
+    found = sync.index.get(digest("new"))
+    assert found is not None and found.active and found.developer_email == "newcomer@example.com"
+    assert fake.calls["developer"] == 1
+    fake.add_key("newer", app="first-app", developer_email="newcomer@example.com", products=["orders"])
+    await sync.refresh_app(app.app_id)
+    assert fake.calls["developer"] == 1  # known now
+
+
+async def test_refresh_app_after_a_restart_from_the_snapshot(fake, client, metrics, clock, tmp_path):
+    fake.add_key("old", app="orders-app", developer_email="dev@example.com", products=["orders"])
+    assert await sync_for(client, metrics, clock, tmp_path).sync()
+    restarted = sync_for(client, new_metrics(), clock, tmp_path)
+    await restarted.restore()
+    fake.add_key("new", app="orders-app", developer_email="dev@example.com", products=["orders"])
+    fake.set_developer_status("dev@example.com", "inactive")
+    await restarted.refresh_app(fake.directory.find_app("dev@example.com", "orders-app").app_id)
+    found = restarted.index.get(digest("new"))
+    assert found is not None and not found.active  # the developer as Apigee has it now
+
+
+async def test_one_developer_by_email_or_id(fake, client):
+    developer_id = fake.add_developer("dev@example.com")
+    by_email, by_id = await client.developer("DEV@example.com"), await client.developer(developer_id)
+    assert by_email == by_id and by_email is not None and by_email["status"] == "active"
+    assert await client.developer("nobody@example.com") is None
