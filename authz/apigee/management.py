@@ -21,13 +21,13 @@ ends on a page shorter than asked for (the repeated item counted): Apigee's rule
 for apps, at most 1,000 a page with expand=true (https://discuss.google.dev/t/get-more-than-1000-app-details/93881).
 
 Google auth: the ``TokenProvider`` of analytics (the analytics service account or Application Default
-Credentials; the account needs ``apigee.apps.list``, ``apigee.apps.get`` and ``apigee.developers.list``,
-e.g. ``roles/apigee.readOnlyAdmin``). Edge: a user with read access to apps and developers (e.g. the
-read-only organization administrator role); the Basic header is built once and never logged.
-Calls are timed in ``apigee_requests_seconds{api="apps"|"app"|"developers"}``. Errors: transport errors,
-timeouts, 5xx, 408 and 429 raise ``ApigeeUnavailable``; other non-200 answers ``ApigeeRejected``; a body
-that is not a JSON object, or a listing that does not advance, ``ApigeeUnavailable`` too (the sync keeps
-its last index). Credentials in the answers are never logged.
+Credentials; the account needs ``apigee.apps.list``, ``apigee.apps.get``, ``apigee.developers.list`` and
+``apigee.developers.get``, e.g. ``roles/apigee.readOnlyAdmin``). Edge: a user with read access to apps
+and developers (e.g. the read-only organization administrator role); the Basic header is built once and
+never logged. Calls are timed in ``apigee_requests_seconds{api="apps"|"app"|"developers"|"developer"}``.
+Errors: transport errors, timeouts, 5xx, 408 and 429 raise ``ApigeeUnavailable``; other non-200 answers
+``ApigeeRejected``; a body that is not a JSON object, or a listing that does not advance,
+``ApigeeUnavailable`` too (the sync keeps its last index). Credentials in the answers are never logged.
 """
 
 from __future__ import annotations
