@@ -1,6 +1,6 @@
 """``make bench``: what ext_authz in Python costs, measured through one real Envoy.
 
-Six cases, each through the same Envoy build (``--concurrency 1``) and the same wrk load (closed loop:
+Ten cases, each through the same Envoy build (``--concurrency 1``) and the same wrk load (closed loop:
 1 thread, ``--connections`` connections, ``--warmup`` s discarded, then ``--duration`` s measured):
 
   (a) ``envoy/direct.yaml``: Envoy answers 200 itself (direct_response), no ext_authz. The baseline.
@@ -20,8 +20,21 @@ Six cases, each through the same Envoy build (``--concurrency 1``) and the same 
       where the warm-up stopped. The case fails if the tokens ran out, or if the service's
       ``jwt_verifications_total{result="valid"}`` grew by less than the measured requests (less one per
       connection).
+  (g) as (c), with a quota on the product (``BENCH_QUOTA`` a minute, never reached) charged on every request;
+      the case fails unless ``quota_checks_total{result="allowed"}`` counted every measured request.
+  (h) as (d), with that quota; it also fails unless a quota sync with the fake Apigee succeeded.
+  (i) as (c), with Envoy's access log streamed to authz over gRPC, so every request also becomes an analytics
+      record; the case fails unless ``analytics_records_total{status="received"}`` counted every one.
+  (j) as (d), but with the key index: ``tenant.key_sync_interval: 1h`` and ``tenant.management_api`` at the
+      fake (a FakeApigee on a thread of the bench, with a Google service account registered and its
+      ``client_secret.json`` given to authz as the analytics secret). The bench waits (bounded) until
+      ``key_syncs_total{result="ok"}`` is at least 1, so the key is answered from memory, with no I/O and
+      no JWT check. The case fails if the fake saw any ``/verifyApiKey`` call during the case, or if
+      ``api_key_cache_lookups_total{result="index"}`` did not grow during the measured run. Its ratio to (b)
+      is printed next to the best of the other paths' (the index should be the cheapest path); it is not a
+      pass/fail check.
 
-In (b) to (f) the route is a direct_response too, so no upstream server is measured; ext_authz runs
+In (b) to (j) the route is a direct_response too, so no upstream server is measured; ext_authz runs
 before the router, and the bench checks Envoy's ``ext_authz.ok`` counter against the 2xx count.
 
 Pinning (default when there are >= 2 CPUs and ``taskset`` exists): Envoy and wrk share CPU 0, the Python
@@ -48,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest.mock
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,8 +72,11 @@ import yaml
 from devstack.apigee import FakeKey, apigee_overrides, start_fake_apigee, write_policy_secret
 from devstack.envoy import GRPC_ACCESS_LOG, envoy_binary, render, start_envoy, stats, wait_cluster_healthy
 from devstack.procs import Proc, StartupError, free_port, http_get, wait_port_open
-from devstack.stack import start_authz, write_authz_config
+from devstack.stack import DEFAULT_ENV, DEFAULT_ORG, start_authz, write_authz_config
 from loadtest.jwt_issuer import Issuer, provider_overrides, serve_jwks, write_lines
+from tests.fakes.apigee import FakeApigee
+from tests.support.apigee_config import new_service_account, write_analytics_secret
+from tests.support.apigee_thread import ApigeeThread
 
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPT = HERE / "wrk_report.lua"
@@ -68,11 +85,13 @@ BENCH_API = "bench-api"
 BENCH_PATH = "/v1/bench"
 # Public, bench-only credential; the bench catalog holds its SHA-256.
 BENCH_KEY = "bench-key-4c0f2a9e71d35b68"
-TARGET_OVER_NOOP = 0.9  # the service's throughput as a share of the no-op's, cases (c), (d) and (e)
+TARGET_OVER_NOOP = 0.9  # the service's throughput as a share of the no-op's, every case but (f)
 TARGET_UNIQUE_JWT_OVER_NOOP = 0.6  # case (f): an RS256 verification on every request
 DEFAULT_JWT_RATE = 12_000.0  # req/s (f)'s tokens are minted for when (b) did not run first
 TOKEN_MARGIN = 1.15  # otherwise (f)'s tokens are minted for (b)'s rate x TOKEN_MARGIN: (b) is the ceiling
 READY_TIMEOUT = 30.0
+INDEX_TIMEOUT = 30.0  # seconds (j) waits for authz's first full listing of apps and keys
+KEY_SYNC_INTERVAL = "1h"  # case (j): no second listing during the case
 HEALTHY_TIMEOUT = 10.0
 WRK_EXTRA_TIMEOUT = 30.0  # seconds wrk may overrun its -d before we give up on it
 CASES = {
@@ -85,6 +104,7 @@ CASES = {
     "g": "(g) Envoy + ext_authz -> authz, quota",
     "h": "(h) Envoy + ext_authz -> authz, Apigee, quota",
     "i": "(i) Envoy + ext_authz -> authz + access log",
+    "j": "(j) Envoy + ext_authz -> authz, key index",
 }
 BENCH_QUOTA = 1_000_000_000  # per minute, cases (g) and (h): charged on every request, never reached
 
@@ -130,6 +150,7 @@ class Result:
     envoy_cpu: float | None = None
     server_cpu: float | None = None
     jwt_valid: int | None = None  # valid JWT verifications during the measured run, cases (e) and (f)
+    index_hits: int | None = None  # API keys answered from the key index during the measured run, case (j)
     error: str | None = None
 
 
@@ -237,20 +258,24 @@ def measure(
     load: Load = API_KEY_LOAD,
     jwt_valid: Callable[[], float] | None = None,
     access_log: bool = False,
+    index_hits: Callable[[], float] | None = None,
 ) -> Result:
-    """Warm up, then one measured wrk run; validate it against Envoy's counters. ``jwt_valid`` reads the
-    service's count of valid JWT verifications, before and after the measured run."""
+    """Warm up, then one measured wrk run; validate it against Envoy's counters. ``jwt_valid`` and
+    ``index_hits`` read the service's count of valid JWT verifications and of key-index answers, before
+    and after the measured run."""
     url = bench_url(listen_port)
     first = 0  # with load.tokens: the measured run starts where the warm-up stopped
     if opts.warmup > 0:
         first = int(run_wrk(url, opts.warmup, opts, load).get("sent", 0))
     before = stats(admin_port)
     valid_before = jwt_valid() if jwt_valid is not None else 0.0
+    index_before = index_hits() if index_hits is not None else 0.0
     cpu_before = {p.pid: cpu_seconds(p.pid) for p in (envoy, server) if p is not None}
     report = run_wrk(url, opts.duration, opts, load, first)
     cpu_used = {pid: cpu_seconds(pid) - used for pid, used in cpu_before.items()}
     after = stats(admin_port)
     valid_after = jwt_valid() if jwt_valid is not None else 0.0
+    index_after = index_hits() if index_hits is not None else 0.0
 
     def delta(name: str) -> int:
         return after.get(name, 0) - before.get(name, 0)
@@ -269,6 +294,7 @@ def measure(
         envoy_cpu=cpu_used[envoy.pid] / wall,
         server_cpu=cpu_used[server.pid] / wall if server is not None else None,
         jwt_valid=round(valid_after - valid_before) if jwt_valid is not None else None,
+        index_hits=round(index_after - index_before) if index_hits is not None else None,
     )
     problems = []
     used = first + int(report.get("sent", 0))
@@ -485,6 +511,78 @@ def case_apigee(
     return result
 
 
+def case_key_index(opts: Options, stack: contextlib.ExitStack) -> Result:
+    """(d) with the key index: the fake lists its apps and keys to authz, which answers the key from memory;
+    the fake must see no ``/verifyApiKey`` call at all."""
+    api_port, metrics_port = free_port(), free_port()
+    secret = write_policy_secret(opts.log_dir / "j-policy-secret")
+    fake = FakeApigee(org=DEFAULT_ORG, env=DEFAULT_ENV, policy_jwks=secret.jwks)
+    fake.set_products(bench_products())
+    fake.add_key(BENCH_KEY, app="bench-app", developer_email="bench@example.com", products=["bench"])
+    # The management API takes Google tokens only from a service account the fake knows; authz gets the
+    # account's key as its analytics secret (client_secret.json) and asks the fake's /token for them.
+    fake_port = free_port()
+    account = new_service_account(f"http://127.0.0.1:{fake_port}/token")
+    fake.add_service_account(account.client_email, account.public_key_pem)
+    analytics_dir = write_analytics_secret(opts.log_dir / "j-analytics-secret", account).parent
+    apigee = ApigeeThread(fake, port=fake_port)  # on a thread of the bench: its call counts are read directly
+    stack.callback(apigee.close)
+    overrides = apigee_overrides(apigee.remote_service_url)
+    overrides["tenant"]["key_sync_interval"] = KEY_SYNC_INTERVAL
+    config = write_authz_config(
+        opts.log_dir / "j-authz.yaml",
+        catalog_path=None,
+        api_port=api_port,
+        metrics_port=metrics_port,
+        overrides=overrides,
+    )
+    # start_authz passes --policy-secret only; the CLI reads AUTHZ_ANALYTICS_SECRET as --analytics-secret's
+    # default, and the child copies the environment when it starts.
+    with unittest.mock.patch.dict(os.environ, {"AUTHZ_ANALYTICS_SECRET": str(analytics_dir)}):
+        server = start_authz(
+            config,
+            metrics_port,
+            opts.log_dir,
+            name="j-authz",
+            cpu_list=cpu(opts, 1),
+            policy_secret_dir=secret.directory,
+        )
+    stack.callback(server.stop)
+    wait_key_index(metrics_port, server)
+    result = through_ext_authz(
+        "j", api_port, server, opts, stack, index_hits=lambda: key_index_hits(metrics_port)
+    )
+    verified = apigee.calls("verifyApiKey")
+    if result.error is None and verified:
+        result.error = f"the fake Apigee saw {verified} /verifyApiKey calls, not 0: the index was not used"
+    if result.error is None and not result.index_hits:
+        result.error = (
+            f'api_key_cache_lookups_total{{result="index"}} grew by {result.index_hits} during '
+            f"{result.requests} measured requests: the key index did not answer"
+        )
+    return result
+
+
+def wait_key_index(metrics_port: int, server: Proc, timeout: float = INDEX_TIMEOUT) -> None:
+    """Until authz's first full listing of apps and keys succeeded (``key_syncs_total{result="ok"}``)."""
+    label = f'org="{DEFAULT_ORG}",result="ok"'
+    deadline = time.monotonic() + timeout
+    while metric_sum(metrics_port, "key_syncs_total", label) < 1:
+        server.check_alive("load the key index")
+        if time.monotonic() > deadline:
+            errors = metric_sum(metrics_port, "key_syncs_total", 'result="error"')
+            raise CaseError(
+                f"the key index was not loaded within {timeout:.0f}s ({errors:.0f} failed key syncs; "
+                f"log {server.log_path})"
+            )
+        time.sleep(0.1)  # polling a background listing: nothing to wait on but its counter
+
+
+def key_index_hits(metrics_port: int) -> float:
+    """API keys answered from the key index (``api_key_cache_lookups_total{result="index"}``)."""
+    return metric_sum(metrics_port, "api_key_cache_lookups_total", 'result="index"')
+
+
 def cache_bench_key(listen_port: int) -> None:
     """One request, so that the key is verified with Apigee and cached before anything is measured."""
     status, body = http_get(bench_url(listen_port), headers={"x-api-key": BENCH_KEY})
@@ -524,9 +622,11 @@ def through_ext_authz(
     load: Load = API_KEY_LOAD,
     jwt_valid: Callable[[], float] | None = None,
     access_log: bool = False,
+    index_hits: Callable[[], float] | None = None,
 ) -> Result:
     """Envoy (``bench.yaml``) in front of the ext_authz server on ``api_port``; ``before(listen_port)`` runs
-    once Envoy sees the server healthy, ahead of the warm-up. ``load`` and ``jwt_valid`` go to measure()."""
+    once Envoy sees the server healthy, ahead of the warm-up. ``load``, ``jwt_valid`` and ``index_hits`` go
+    to measure()."""
     listen, admin = free_port(), free_port()
     config = render(
         "bench.yaml",
@@ -544,7 +644,7 @@ def through_ext_authz(
     wait_cluster_healthy(admin, "authz", HEALTHY_TIMEOUT, envoy)
     if before is not None:
         before(listen)
-    return measure(case, listen, envoy, admin, opts, server, load, jwt_valid)
+    return measure(case, listen, envoy, admin, opts, server, load, jwt_valid, index_hits=index_hits)
 
 
 def cpu(opts: Options, index: int) -> str | None:
@@ -561,6 +661,7 @@ RUNNERS: dict[str, Callable[[Options, contextlib.ExitStack], Result]] = {
     "g": case_quota,
     "h": case_apigee_quota,
     "i": case_access_log,
+    "j": case_key_index,
 }
 
 
@@ -585,14 +686,15 @@ def pct(share: float | None) -> str:
 
 
 def table(results: list[Result]) -> Iterator[str]:
+    width = max([44, *(len(r.label) for r in results)])
     yield (
-        f"{'case':44} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8} "
+        f"{'case':{width}} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8} "
         f"{'envoy cpu':>9} {'py cpu':>7}  status"
     )
     for r in results:
         status = "ok" if r.error is None else "ERROR"
         yield (
-            f"{r.label:44} {fmt(r.rps, '9.0f')} {fmt(r.p50_ms, '7.2f')} {fmt(r.p99_ms, '7.2f')} "
+            f"{r.label:{width}} {fmt(r.rps, '9.0f')} {fmt(r.p50_ms, '7.2f')} {fmt(r.p99_ms, '7.2f')} "
             f"{r.non_2xx if r.rps is not None else '-':>8} "
             f"{pct(r.envoy_cpu):>9} {pct(r.server_cpu):>7}  {status}"
         )
@@ -635,9 +737,25 @@ def report(results: list[Result], opts: Options) -> None:
         if over_b is not None:
             verdict = "meets" if over_b >= target else "BELOW"
             print(f"{case}/b = {over_b:.2f}  ({what}; {verdict} the target {case}/b >= {target})")
+    index_path = ratio(by_case, "j", "b")
+    if index_path is not None:
+        # No I/O and no verification: the cheapest path, so its ratio should top the others'. Not checked.
+        others = [
+            (over_b, case) for case, _, _ in targets if (over_b := ratio(by_case, case, "b")) is not None
+        ]
+        best = max(others, default=None)
+        if best is None:
+            versus = "no other authz path measured"
+        elif index_path >= best[0]:
+            versus = f"the best authz path measured; next {best[1]}/b = {best[0]:.2f}"
+        else:
+            versus = f"NOT the best authz path measured: {best[1]}/b = {best[0]:.2f}"
+        print(f"j/b = {index_path:.2f}  (Apigee mode, key from the key index; {versus})")
     for r in results:
         if r.jwt_valid is not None and r.rps is not None:
             print(f"{r.case}: {r.jwt_valid} valid JWT verifications for {r.requests} measured requests")
+        if r.index_hits is not None and r.rps is not None:
+            print(f"{r.case}: {r.index_hits} key-index answers for {r.requests} measured requests")
     for r in results:
         if r.error:
             print(f"\n{r.label} ERROR: {r.error}")
