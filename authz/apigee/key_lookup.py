@@ -10,7 +10,8 @@ The ``KeySource`` of Apigee mode when ``tenant.key_sync_interval`` is set. Looku
 2. **Index miss**: the ``ApiKeyCache`` (its cache, single flight and negative cache), then
    ``/verifyApiKey`` for a key created since the last sync. While an index is loaded, new calls go through
    a token bucket (``auth.api_key_verify_rate`` a second, the same as burst): a burst of random keys costs
-   Apigee at most that many calls, and what is shed is counted
+   Apigee at most that many calls, and what is shed (in ``lookup`` already when the bucket is empty, so a
+   shed key costs no task) is counted
    (``api_key_verifications_total{result="shed"}``) and answered 401, as unknown. Before the first index
    (sync and snapshot both unavailable) nothing is shed: the cache alone is what the service had before.
 3. A key ``/verifyApiKey`` vouched for triggers an early sync of its app (``application_id``), so the next
@@ -42,11 +43,15 @@ class TokenBucket:
         self._tokens = rate
         self._at = clock.monotonic()
 
-    def take(self) -> bool:
+    def ready(self) -> bool:
+        """Whether a token is there to take (refilling first)."""
         now = self._clock.monotonic()
         self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
         self._at = now
-        if self._tokens < 1:
+        return self._tokens >= 1
+
+    def take(self) -> bool:
+        if not self.ready():
             return False
         self._tokens -= 1
         return True
@@ -87,7 +92,14 @@ class IndexedKeys:
                 self._memo[api_key] = (generation, stored, found)
                 self._indexed.inc()
                 return found
-        return self._fallback.lookup(api_key)
+        cached = self._fallback.lookup(api_key)
+        if cached is None and index is not None and self._shedding(api_key):
+            self._shed.inc()  # shed here, not in verify: a flood of random keys costs no task per key
+            return DenyReason.UNKNOWN_KEY
+        return cached
+
+    def _shedding(self, api_key: str) -> bool:
+        return not self._bucket.ready() and not self._fallback.in_flight(api_key)
 
     async def verify(self, api_key: str) -> Credential | DenyReason:
         """``/verifyApiKey`` for a key the index does not have, within the rate while an index is loaded."""

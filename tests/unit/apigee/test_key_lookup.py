@@ -148,6 +148,19 @@ async def test_a_key_in_flight_is_joined_not_shed(parts, fake, clock):
     assert fake.calls["verifyApiKey"] == 3
 
 
+async def test_an_empty_bucket_sheds_in_lookup_without_a_task(parts, fake, metrics):
+    sync, cache, keys = parts
+    await sync.sync()
+    fake.add_key("new", app="orders-app", developer_email=DEV, products=["orders"])
+    fake.set_delay("verifyApiKey", 0.05)
+    pending = [asyncio.ensure_future(keys.verify(key)) for key in ("new", "random-0", "random-1")]
+    await asyncio.sleep(0)  # all three calls under way: the bucket (3) is empty
+    assert keys.lookup("random-2") == DenyReason.UNKNOWN_KEY  # shed at once
+    assert keys.lookup("new") is None and cache.in_flight("new")  # in flight: joined, not shed
+    assert sample(metrics, "api_key_verifications_total", "shed") == 1
+    await asyncio.gather(*pending)
+
+
 async def test_a_key_that_is_not_ascii_skips_the_index(parts, fake):
     sync, _, keys = parts
     await sync.sync()
