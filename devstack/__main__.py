@@ -1,8 +1,9 @@
 """``make run``: the local stack. authz (standalone, demo catalog) + Envoy sidecar + an echo upstream.
 
 ``make run-apigee`` (``python -m devstack --apigee``): the same stack with authz in Apigee mode, against a
-FakeApigee subprocess (``python -m tests.fakes.apigee``) that serves the demo catalog's products and
-verifies the demo key; authz signs its calls with a policy secret written to the work dir.
+FakeApigee subprocess (``python -m tests.fakes.apigee``) that serves the demo catalog's products and the
+demo key; authz signs its calls with a policy secret written to the work dir, and lists apps and keys (the
+key index, every ``KEY_SYNC_INTERVAL``) and uploads analytics with a Google service account the fake knows.
 
 Envoy listens on 127.0.0.1:8080 if that port is free, else on a free port. Environment overrides:
 ``DEVSTACK_LISTEN_PORT``, ``DEVSTACK_ADMIN_PORT``, ``DEVSTACK_AUTHZ_PORT``, ``DEVSTACK_METRICS_PORT``,
@@ -38,6 +39,7 @@ from devstack.apigee import (
 from devstack.procs import Proc, StartupError, free_port, port_is_free
 from devstack.stack import APIGEE_TEMP_DIR, Stack, start_stack
 from devstack.upstream import EchoUpstream
+from tests.support.apigee_config import new_service_account, write_analytics_secret
 
 # A public demo credential, valid only against devstack/demo/catalog.yaml (which holds its SHA-256) and
 # the fake Apigee of `make run-apigee`.
@@ -46,7 +48,8 @@ DEMO_CATALOG = Path(__file__).resolve().parent / "demo" / "catalog.yaml"
 DEMO_API = "orders-api"
 DEFAULT_LISTEN_PORT = 8080
 WATCH_INTERVAL = 1.0  # seconds between liveness checks of the children while running
-APIGEE_METRICS = "^(api_key_[a-z_]+_total|catalog_from_snapshot|products_cached)"  # for the banner's grep
+APIGEE_METRICS = "^(api_key_[a-z_]+_total|key_[a-z_]+|catalog_from_snapshot|products_cached)"  # banner grep
+KEY_SYNC_INTERVAL = "1m"  # make run-apigee: the key index's listing interval
 
 
 def _port_from_env(name: str, default: int | None = None) -> int:
@@ -72,8 +75,15 @@ def _start_fake(work_dir: Path) -> tuple[FakeApigeeProc, Path]:
     app = catalog["developers"][0]["apps"][0]
     key = FakeKey(DEMO_KEY, app["name"], catalog["developers"][0]["email"], tuple(app["products"]))
     secret = write_policy_secret(work_dir / "policy-secret")
-    port = int(os.environ["DEVSTACK_APIGEE_PORT"]) if os.environ.get("DEVSTACK_APIGEE_PORT") else None
-    fake = start_fake_apigee(work_dir, catalog["products"], [key], secret.jwks, port=port)
+    port = int(os.environ.get("DEVSTACK_APIGEE_PORT") or 0) or free_port()
+    # A Google service account the fake issues tokens to: authz lists apps and keys with it (the key
+    # index) and uploads analytics; it reaches authz as its analytics Secret (AUTHZ_ANALYTICS_SECRET).
+    account = new_service_account(f"http://127.0.0.1:{port}/token")
+    analytics_secret = write_analytics_secret(work_dir / "analytics-secret", account).parent
+    os.environ["AUTHZ_ANALYTICS_SECRET"] = str(analytics_secret)
+    fake = start_fake_apigee(
+        work_dir, catalog["products"], [key], secret.jwks, port=port, service_account=account
+    )
     return fake, secret.directory
 
 
@@ -84,10 +94,10 @@ def _banner(stack: Stack, upstream: EchoUpstream, work_dir: Path, fake: FakeApig
         apigee = ""
         more = ""
     else:
-        mode = "Apigee mode: products and key checks from the fake Apigee"
+        mode = "Apigee mode: products and the key index from the fake Apigee"
         apigee = f"\n  fake Apigee      {fake.remote_service_url}   (log {fake.proc.log_path})"
         more = f"""
-  # where the catalog comes from (apigee), and the key cache at work
+  # where the catalog and the key index come from (apigee), and keys answered from the index
   curl -s {stack.metrics_url}/readyz
   curl -s {stack.metrics_url}/metrics | grep -E '{APIGEE_METRICS}'"""
     return f"""
@@ -129,7 +139,7 @@ def _stack_options(fake: FakeApigeeProc | None, policy_secret: Path | None) -> d
     }
     if fake is not None:
         options.update(
-            overrides=apigee_overrides(fake.remote_service_url),
+            overrides=apigee_overrides(fake.remote_service_url, key_sync_interval=KEY_SYNC_INTERVAL),
             envoy_vars={"EXT_AUTHZ_TIMEOUT": EXT_AUTHZ_TIMEOUT},
             policy_secret_dir=policy_secret,
         )

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from devstack.envoy import REPO_ROOT
 from devstack.procs import Proc, free_port, wait_port_open
 from devstack.stack import DEFAULT_ENV, DEFAULT_ORG
-from tests.support.apigee_config import PolicySecretFiles, write_policy_secret
+from tests.support.apigee_config import PolicySecretFiles, ServiceAccount, write_policy_secret
 
 # Envoy's ext_authz deadline in Apigee mode: above the service's own 0.8 s wait for a key it has not
 # verified yet, as in the Go adapter's sample Envoy config, so that a slow Apigee gets the service's
@@ -80,6 +80,7 @@ def start_fake_apigee(
     org: str = DEFAULT_ORG,
     env: str = DEFAULT_ENV,
     log_dir: Path | None = None,
+    service_account: ServiceAccount | None = None,
 ) -> FakeApigeeProc:
     """Write the products and the policy JWKS under ``work_dir``, start the fake on 127.0.0.1 and wait
     until it listens. Its log is ``<log_dir or work_dir/logs>/<name>.log``.
@@ -98,6 +99,10 @@ def start_fake_apigee(
     ]  # fmt: skip
     for key in keys:
         argv += ["--key", key.spec()]
+    if service_account is not None:  # Google tokens for the management API (key index) and analytics
+        public_key = work_dir / f"{name}-service-account.pem"
+        public_key.write_text(service_account.public_key_pem)
+        argv += ["--service-account", f"{service_account.client_email}={public_key}"]
     proc = Proc(name, argv, log_dir or work_dir / "logs", env={"PYTHONUNBUFFERED": "1"}, cwd=REPO_ROOT)
     try:
         wait_port_open(port, FAKE_READY_TIMEOUT, proc)
@@ -107,17 +112,15 @@ def start_fake_apigee(
     return FakeApigeeProc(proc, port)
 
 
-def apigee_overrides(remote_service_url: str) -> dict[str, Any]:
+def apigee_overrides(remote_service_url: str, key_sync_interval: str | None = None) -> dict[str, Any]:
     """authz config overrides for Apigee mode against the fake at ``remote_service_url``.
 
-    ``tenant.management_api`` is the fake too, so analytics never go to the real apigee.googleapis.com:
-    without Google credentials (no analytics Secret here) they stay staged; with the machine's own
-    Application Default Credentials they go to the fake, which takes any bearer token.
+    ``tenant.management_api`` is the fake too, so analytics and the key index's listings never go to the
+    real apigee.googleapis.com; they need Google credentials (an analytics Secret whose service account the
+    fake knows, as ``make run-apigee`` sets up), else analytics stay staged and the key index never loads.
     """
     parts = urlsplit(remote_service_url)
-    return {
-        "tenant": {
-            "remote_service_api": remote_service_url,
-            "management_api": f"{parts.scheme}://{parts.netloc}",
-        }
-    }
+    tenant = {"remote_service_api": remote_service_url, "management_api": f"{parts.scheme}://{parts.netloc}"}
+    if key_sync_interval is not None:  # the key index, listed from the fake's management API
+        tenant["key_sync_interval"] = key_sync_interval
+    return {"tenant": tenant}

@@ -37,6 +37,8 @@ async def _run(args: argparse.Namespace) -> None:
         fake.set_products(loaded["apiProduct"] if isinstance(loaded, dict) else loaded)
     for key, app, email, products in args.key:
         fake.add_key(key, app=app, developer_email=email, products=products)
+    for email, public_key in args.service_account:
+        fake.add_service_account(email, public_key.read_text())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -49,6 +51,13 @@ async def _run(args: argparse.Namespace) -> None:
         await stop.wait()
 
 
+def _parse_account(value: str) -> tuple[str, Path]:
+    email, sep, path = value.partition("=")
+    if not sep or not email or not path:
+        raise argparse.ArgumentTypeError(f"expected EMAIL=PUBLIC_KEY.pem, got {value!r}")
+    return email, Path(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.fakes.apigee", description="Serve a FakeApigee.")
     parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
@@ -59,5 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", type=_parse_key, action="append", default=[], metavar="KEY:APP:EMAIL:P1,P2")
     parser.add_argument("--basic-auth", type=_parse_basic, metavar="KEY:SECRET", help="require Basic auth")
     parser.add_argument("--policy-jwks", type=Path, help="require internal JWTs verified by this JWKS file")
+    parser.add_argument(
+        "--service-account",
+        type=_parse_account,
+        action="append",
+        default=[],
+        metavar="EMAIL=PUBLIC_KEY.pem",
+        help="a Google service account whose tokens /token issues (the management API and analytics)",
+    )
     asyncio.run(_run(parser.parse_args(argv)))
     return 0

@@ -22,6 +22,7 @@ from jwt.algorithms import RSAAlgorithm
 from tests.fakes.apigee import FakeApigee, quota_window
 from tests.fakes.apigee_cli import main
 from tests.fakes.http_server import LoopbackServer
+from tests.support.apigee_config import new_service_account
 
 BASE = "http://apigee.test"
 RS = "/remote-service"
@@ -516,6 +517,9 @@ def test_standalone_runs_until_sigterm(tmp_path: Path):
     products.write_text(json.dumps({"apiProduct": PRODUCTS}))
     command = [sys.executable, "-m", "tests.fakes.apigee", "--port", "0", "--products", str(products)]
     command += ["--key", "key-1:app:dev@x.com:httpbin-product,other", "--basic-auth", "k:s"]
+    account = new_service_account("http://127.0.0.1/token")
+    (tmp_path / "sa.pem").write_text(account.public_key_pem)
+    command += ["--service-account", f"{account.client_email}={tmp_path / 'sa.pem'}"]
     root = Path(__file__).parents[3]
     with subprocess.Popen(
         command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -533,6 +537,8 @@ def test_standalone_runs_until_sigterm(tmp_path: Path):
             claims = jwt.decode(token, key, algorithms=["RS256"], audience="remote-service-client")
             assert claims["api_product_list"] == ["httpbin-product", "other"]
             assert claims["developer_email"] == "dev@x.com"
+            with httpx.Client(base_url=base_url, headers={"Authorization": "Bearer junk"}) as http:
+                assert http.get("/v1/organizations/org/apps").status_code == 401  # only the account's tokens
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=10) == 0, process.stderr.read()
@@ -543,7 +549,15 @@ def http_status(base_url: str) -> int:
         return http.get(f"{RS}/products").status_code
 
 
-@pytest.mark.parametrize("argv", [["--key", "only:two"], ["--key", ":app:d@x:"], ["--basic-auth", "nocolon"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--key", "only:two"],
+        ["--key", ":app:d@x:"],
+        ["--basic-auth", "nocolon"],
+        ["--service-account", "a@b"],
+    ],
+)
 def test_standalone_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
