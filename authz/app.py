@@ -44,8 +44,10 @@ from authz.jwt.validate import Rules
 from authz.jwt.verifier import BearerTokens, Provider
 from authz.metrics import Metrics, new_metrics
 from authz.quota.manager import QuotaManager
+from authz.server import codec
 from authz.server.accesslog import AccessLogServicer
 from authz.server.authorization import AuthorizationServicer, add_to_server
+from authz.server.check import Checker, Codec
 from authz.server.health import Health
 from authz.server.http import HttpEndpoints
 from authz.standalone.watcher import LocalCatalog
@@ -372,7 +374,19 @@ class Service:
             wait=config.auth.quota_sync_wait,
             per_id_metrics=config.auth.quota_metrics_per_id,
         )
-        self.authorization = AuthorizationServicer(
+        self.authorization = AuthorizationServicer(self._checker(codec))
+        self.grpc_port = 0
+        self.http_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._http: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._readiness: asyncio.Task[None] | None = None
+
+    def _checker(self, codec: Codec) -> Checker:
+        """The check flow over one transport; every edge shares the catalog, caches, quotas and buffer."""
+        config = self.config
+        return Checker(
+            codec,
             self.current_catalog,
             policy_from(config),
             self.metrics,
@@ -384,12 +398,6 @@ class Service:
             quota_headers=config.auth.quota_headers,
             analytics=self.analytics.buffer,
         )
-        self.grpc_port = 0
-        self.http_port = 0
-        self._server: grpc.aio.Server | None = None
-        self._http: asyncio.Server | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._readiness: asyncio.Task[None] | None = None
 
     def _details(self) -> dict[str, str]:
         apigee = self.apigee

@@ -530,7 +530,7 @@ async def test_a_quota_change_under_load_migrates_the_bucket(tmp_path):
 
 async def test_a_429_from_the_allow_cache_is_logged_with_method_and_path(standalone, caplog):
     service = await standalone()
-    caplog.set_level("INFO", logger="authz.server.authorization")
+    caplog.set_level("INFO", logger="authz.server.check")
 
     async def six(identity: int) -> list[Any]:
         return await checks(service, [request(identity)] * 6)  # the 6th is an allow-cache hit

@@ -10,11 +10,11 @@ from authz.analytics.buffer import Buffer
 from authz.decision.model import Policy
 from authz.metrics import new_metrics
 from authz.server.accesslog import AccessLogServicer
-from authz.server.authorization import AuthorizationServicer
 from authz.standalone.catalog_file import parse_catalog
 from tests.support.catalogs import ORDERS_KEY, catalog_yaml
 from tests.support.check_requests import check_request
 from tests.support.clock import FakeClock
+from tests.support.servicers import grpc_servicer
 
 NOW = 1_800_000_000.0
 OURS = {
@@ -114,9 +114,7 @@ async def test_check_writes_one_record_per_deny_and_none_per_allow(tmp_path):
     metrics, clock = new_metrics(), FakeClock(NOW)
     buffer = Buffer(tmp_path, "org", metrics, clock)
     catalog = parse_catalog(catalog_yaml(), "catalog.yaml")
-    servicer = AuthorizationServicer(
-        lambda: catalog, Policy(org="org", env="test"), metrics, clock, analytics=buffer
-    )
+    servicer = grpc_servicer(lambda: catalog, Policy(org="org", env="test"), metrics, clock, analytics=buffer)
     request = check_request(
         key=None, headers={"user-agent": "curl/8.0", "x-forwarded-for": "10.0.0.7, 10.0.0.8"}
     )

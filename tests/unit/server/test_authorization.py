@@ -10,7 +10,7 @@ from authz.clock import SystemClock
 from authz.decision.authorize import key_digest
 from authz.decision.model import Catalog, Credential, Policy
 from authz.metrics import new_metrics
-from authz.server.authorization import AuthorizationServicer
+from tests.support.servicers import grpc_servicer
 
 KEY = "secret-key-123"
 
@@ -29,9 +29,7 @@ def request(key=KEY):
 
 
 def servicer(catalog_source, metrics=None):
-    return AuthorizationServicer(
-        catalog_source, Policy("org", "test"), metrics or new_metrics(), SystemClock()
-    )
+    return grpc_servicer(catalog_source, Policy("org", "test"), metrics or new_metrics(), SystemClock())
 
 
 def reason(wire):
@@ -118,7 +116,7 @@ async def test_cached_allow_respects_key_expiry():
     expiry = dt.datetime(2027, 1, 15, 8, 0, 10, tzinfo=dt.UTC).timestamp()
     clock = FakeClock(now=expiry - 5)
     catalog = _catalog(expires_at="2027-01-15T08:00:10Z")
-    svc = AuthorizationServicer(lambda: catalog, Policy("org", "test"), new_metrics(), clock)
+    svc = grpc_servicer(lambda: catalog, Policy("org", "test"), new_metrics(), clock)
     assert _allowed(await svc.Check(request(), None))
     clock.advance(5)
     assert reason(await svc.Check(request(), None)) == (401, "expired_key")
@@ -135,15 +133,15 @@ async def test_cache_key_includes_headers_the_allow_removes():
 
 
 async def test_cache_is_bounded(monkeypatch):
-    from authz.server import authorization
+    from authz.server import check
 
-    monkeypatch.setattr(authorization, "ALLOW_CACHE_SIZE", 3)
+    monkeypatch.setattr(check, "ALLOW_CACHE_SIZE", 3)
     svc = servicer(lambda: _catalog())
     for i in range(10):
         req = request()
         req.attributes.request.http.path = f"/x?n={i}&x-api-key={KEY}"
         assert _allowed(await svc.Check(req, None))
-        assert len(svc._allows) <= 3
+        assert len(svc.checker._allows) <= 3
 
 
 async def test_debug_log_has_redacted_headers_only(caplog):

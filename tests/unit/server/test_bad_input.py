@@ -7,9 +7,9 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz.clock import SystemClock
 from authz.decision.model import Policy
 from authz.metrics import new_metrics
-from authz.server.authorization import AuthorizationServicer
 from authz.standalone.catalog_file import parse_catalog
 from tests.support.catalogs import ORDERS_KEY, catalog_yaml
+from tests.support.servicers import grpc_servicer
 
 ALPHABET = "abcXYZ019/._-*?&=%!,: \t\x00é\u202e"
 
@@ -34,7 +34,7 @@ def _random_request(rng):
 
 async def test_random_requests_without_the_key_are_always_denied_explicitly():
     catalog = parse_catalog(catalog_yaml(), "c.yaml")
-    servicer = AuthorizationServicer(lambda: catalog, Policy("org", "test"), new_metrics(), SystemClock())
+    servicer = grpc_servicer(lambda: catalog, Policy("org", "test"), new_metrics(), SystemClock())
     rng = random.Random(20261123)
     for _ in range(3000):
         response = pb.CheckResponse.FromString(await servicer.Check(_random_request(rng), None))
@@ -44,7 +44,7 @@ async def test_random_requests_without_the_key_are_always_denied_explicitly():
 
 async def test_valid_key_with_random_noise_allows_only_the_granted_operation():
     catalog = parse_catalog(catalog_yaml(), "c.yaml")
-    servicer = AuthorizationServicer(lambda: catalog, Policy("org", "test"), new_metrics(), SystemClock())
+    servicer = grpc_servicer(lambda: catalog, Policy("org", "test"), new_metrics(), SystemClock())
     rng = random.Random(7)
     allowed = 0
     for _ in range(2000):
