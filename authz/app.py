@@ -44,12 +44,13 @@ from authz.jwt.validate import Rules
 from authz.jwt.verifier import BearerTokens, Provider
 from authz.metrics import Metrics, new_metrics
 from authz.quota.manager import QuotaManager
-from authz.server import codec
+from authz.server import codec, http_codec
 from authz.server.accesslog import AccessLogServicer
 from authz.server.authorization import AuthorizationServicer, add_to_server
 from authz.server.check import Checker, Codec
 from authz.server.health import Health
 from authz.server.http import HttpEndpoints
+from authz.server.http_check import HttpCheckServer
 from authz.standalone.watcher import LocalCatalog
 
 log = logging.getLogger(__name__)
@@ -375,7 +376,11 @@ class Service:
             per_id_metrics=config.auth.quota_metrics_per_id,
         )
         self.authorization = AuthorizationServicer(self._checker(codec))
+        self.http_checks: HttpCheckServer | None = None
+        if config.global_.http_authz_address is not None:
+            self.http_checks = HttpCheckServer(self._checker(http_codec))
         self.grpc_port = 0
+        self.http_authz_port = 0
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
         self._http: asyncio.Server | None = None
@@ -451,17 +456,32 @@ class Service:
                 f"cannot listen on {address} (global.metrics_address): {exc.strerror}"
             ) from None
         self.http_port = self._http.sockets[0].getsockname()[1]
+        checks = self.config.global_.http_authz_address
+        if self.http_checks is not None and checks is not None:
+            try:
+                self.http_authz_port = await self.http_checks.start(checks.http_host(), checks.port, http_tls)
+            except OSError as exc:
+                await server.stop(0)
+                self._http.close()
+                raise ListenError(
+                    f"cannot listen on {checks} (global.http_authz_address): {exc.strerror}"
+                ) from None
         self._readiness = asyncio.create_task(self._publish_readiness(), name="readiness")
         await self.health.refresh()
         log.info(
             "serving ext_authz on %s (port %d), metrics on port %d", target, self.grpc_port, self.http_port
         )
+        if checks is not None:
+            log.info("serving HTTP ext_authz on %s (port %d)", checks, self.http_authz_port)
 
     async def stop(self) -> None:
         """Drain: unready first, then let in-flight RPCs finish, then stop loops and ports."""
         await self.health.drain()
+        grace = self.config.global_.graceful_shutdown_timeout
+        draining = [self.http_checks.stop(grace)] if self.http_checks is not None else []
         if self._server is not None:
-            await self._server.stop(self.config.global_.graceful_shutdown_timeout)
+            draining.append(self._server.stop(grace))
+        await asyncio.gather(*draining)  # both edges drain at once, within one grace period
         await self.quotas.flush(QUOTA_FLUSH_TIMEOUT)  # weight admitted but not synced yet goes to Apigee
         await self.analytics.close(ANALYTICS_FLUSH_TIMEOUT)
         if self.local is not None:

@@ -91,6 +91,7 @@ class ServerTLS:
 class GlobalConfig:
     api_address: Address = Address("", 5000)
     metrics_address: Address = Address("", 5001)
+    http_authz_address: Address | None = None  # the HTTP check port (Envoy's http_service); off by default
     temp_dir: str = DEFAULT_TEMP_DIR
     keep_alive_max_connection_age: float = DEFAULT_KEEP_ALIVE_MAX_CONNECTION_AGE
     tls: ServerTLS = ServerTLS()
@@ -231,6 +232,10 @@ def _cross_check(file: str, config: Config) -> Config:
     api, metrics, tenant = config.global_.api_address, config.global_.metrics_address, config.tenant
     if api.port and api == metrics:
         raise ConfigError(file, "global.metrics_address", f"same as global.api_address ({api})")
+    checks = config.global_.http_authz_address
+    for name, other in (("api_address", api), ("metrics_address", metrics)):
+        if checks is not None and checks.port and checks == other:
+            raise ConfigError(file, "global.http_authz_address", f"same as global.{name} ({other})")
     if not config.standalone:
         return _check_apigee(file, _check_key_sync(file, config))
     if tenant.key_sync:
@@ -330,6 +335,7 @@ def _global(s: Section) -> GlobalConfig:
     return GlobalConfig(
         api_address=s.address("api_address", DEFAULT_API_ADDRESS),
         metrics_address=s.address("metrics_address", DEFAULT_METRICS_ADDRESS),
+        http_authz_address=s.address("http_authz_address", "") if s.text("http_authz_address") else None,
         temp_dir=s.text("temp_dir", DEFAULT_TEMP_DIR, required=True),
         keep_alive_max_connection_age=s.duration(
             "keep_alive_max_connection_age", DEFAULT_KEEP_ALIVE_MAX_CONNECTION_AGE, positive=True
@@ -464,6 +470,8 @@ def _render(obj: DataclassInstance) -> dict[str, object]:
             value = format_duration(value)
         elif isinstance(value, Address):
             value = str(value)
+        elif value is None:  # an optional address left off
+            value = ""
         elif is_dataclass(value) and not isinstance(value, type):
             value = _render(value)
         elif isinstance(value, tuple):  # lists in the file

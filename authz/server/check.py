@@ -159,9 +159,10 @@ class Checker:
         self._allows: dict[tuple[str | None, ...], _Allow] = {}
         self._allows_catalog: Catalog | None = None
 
-    async def check(self, request: Any) -> bytes:
-        """Answer one request (the edge's own type) with the answer in the edge's wire format."""
-        codec = self._codec
+    def check_now(self, request: Any) -> bytes | None:
+        """The answer when it needs no await: an allow-cache hit whose quota buckets, if any, are in
+        memory (most traffic). None: await ``check`` instead. An edge that can answer at once saves a task.
+        """
         started = time.perf_counter()
         attrs = None
         try:
@@ -169,6 +170,35 @@ class Checker:
             if catalog is not self._allows_catalog:
                 self._allows.clear()
                 self._allows_catalog = catalog
+            now = self._clock.now()
+            key = self._codec.decision_key(request, self._policy, self._token_headers)
+            hit = self._allows.get(key) if key is not None else None
+            if hit is None or now >= hit.valid_until or not self._still_valid(hit):
+                return None
+            response, decision = hit.response, hit.decision
+            if hit.quota_ops and self._quotas is not None and decision.reason is None:
+                charged = self._quotas.charge_now(hit.quota_ops, decision.environment)
+                if charged is None:  # a bucket waits for its sync with Apigee
+                    return None
+                if not charged.allowed or self._quota_headers:
+                    decision, response = self._quota_answer(decision, response, charged, now)
+                if not charged.allowed:
+                    attrs = self._codec.request_attrs(request)  # for the deny log and record
+        except Exception:
+            decision, response = self._failed()
+        self._finish(request, decision, attrs, started)
+        return response
+
+    async def check(self, request: Any) -> bytes:
+        """Answer one request (the edge's own type) with the answer in the edge's wire format."""
+        answer = self.check_now(request)
+        if answer is not None:
+            return answer
+        codec = self._codec
+        started = time.perf_counter()
+        attrs = None
+        try:
+            catalog = self._catalog()
             now = self._clock.now()
             key = codec.decision_key(request, self._policy, self._token_headers)
             hit = self._allows.get(key) if key is not None else None
@@ -199,17 +229,23 @@ class Checker:
                 if not charged.allowed and attrs is None:
                     attrs = codec.request_attrs(request)  # an allow-cache hit: read it for the deny log
         except Exception:
-            # Never log the request here: it may carry a credential.
-            log.exception("Check failed; answering 503")
-            self._metrics.auth_check_errors.labels(self._policy.org).inc()
-            decision, response = _INTERNAL, codec.denied_response(DenyReason.INTERNAL_ERROR)
+            decision, response = self._failed()
+        self._finish(request, decision, attrs, started)
+        return response
+
+    def _failed(self) -> tuple[Decision, bytes]:
+        # Never log the request here: it may carry a credential.
+        log.exception("Check failed; answering 503")
+        self._metrics.auth_check_errors.labels(self._policy.org).inc()
+        return _INTERNAL, self._codec.denied_response(DenyReason.INTERNAL_ERROR)
+
+    def _finish(self, request: Any, decision: Decision, attrs: RequestAttrs | None, started: float) -> None:
         try:
             self._record(decision, attrs, time.perf_counter() - started)
             if self._analytics is not None and not decision.allowed and attrs is not None:
                 self._deny_record(decision, attrs, request)
         except Exception:  # metrics, logs or analytics must never change the answer
             log.exception("recording the Check outcome failed")
-        return response
 
     def _deny_record(self, decision: Decision, attrs: Any, request: Any) -> None:
         """The analytics record of a deny (Envoy's access log carries no ext_authz metadata for it).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any, Final
 
 from envoy.config.core.v3 import base_pb2
@@ -93,22 +94,32 @@ def _jwt_metadata(attributes: Any) -> dict[str, dict[str, Any]]:
 def decision_key(
     request: Any, policy: Policy, token_headers: tuple[str, ...] = ()
 ) -> tuple[str | None, ...] | None:
-    """Everything ``decide`` reads from a request, as a hashable key for the allow cache.
-
-    None when the request cannot be keyed cheaply (raw header map) or would make a large key (long path,
-    many spoofed headers, a huge token), which keeps the cache's memory bounded. The names of client-sent
-    headers that an allow removes are part of the key, since they change the response, and so are the
-    headers bearer tokens are read from.
-    """
+    """Everything ``decide`` reads from a CheckRequest, as a hashable key for the allow cache (see
+    :func:`request_key`). None for a raw header map or jwt_authn claims (tokens change per request)."""
     attributes = request.attributes
     http = attributes.request.http
     headers = http.headers
     if not headers or JWT_AUTHN in attributes.metadata_context.filter_metadata:
-        return None  # tokens change per request: no point caching them
-    path = http.path
+        return None
+    return request_key(http.method, http.path, headers, attributes.context_extensions, policy, token_headers)
+
+
+def request_key(
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    extensions: Mapping[str, str],
+    policy: Policy,
+    token_headers: tuple[str, ...],
+) -> tuple[str | None, ...] | None:
+    """The allow-cache key of a request, whatever its transport.
+
+    None when the request would make a large key (long path, many spoofed headers, a huge token), which
+    keeps the cache's memory bounded. The names of client-sent headers that an allow removes are part of
+    the key, since they change the response, and so are the headers bearer tokens are read from.
+    """
     if len(path) > MAX_KEYED_PATH:
         return None
-    extensions = attributes.context_extensions
     removed = [name for name in headers if name.startswith(REMOVED_PREFIXES)]
     if len(removed) > MAX_KEYED_REMOVED:
         return None
@@ -117,7 +128,7 @@ def decision_key(
         return None
     return (
         *tokens,
-        http.method,
+        method,
         path,
         headers.get(policy.api_key_header),
         headers.get(policy.api_header),
@@ -137,15 +148,25 @@ def _raw_headers(header_map: Any) -> dict[str, str]:
     return joined
 
 
+def deny_body(reason: DenyReason) -> str:
+    """The JSON body a denied client gets: the message and the stable reason code."""
+    return json.dumps({"error": DENY_STATUS[reason][2], "reason": reason.value})
+
+
+def deny_headers(reason: DenyReason) -> tuple[tuple[str, str], ...]:
+    """The headers a denied client gets with that body."""
+    return (("content-type", "application/json"), *_CHALLENGES.get(reason, ()))
+
+
 def _denied(reason: DenyReason) -> Any:
-    grpc_code, status, message = DENY_STATUS[reason]
+    grpc_code, status, _ = DENY_STATUS[reason]
     response = pb.CheckResponse()
     response.status.code = grpc_code
     response.status.message = reason.value
     denied = response.denied_response
     denied.status.code = status
-    denied.body = json.dumps({"error": message, "reason": reason.value})
-    for name, value in (("content-type", "application/json"), *_CHALLENGES.get(reason, ())):
+    denied.body = deny_body(reason)
+    for name, value in deny_headers(reason):
         header = denied.headers.add()
         header.header.key = name
         header.header.value = value

@@ -544,6 +544,7 @@ def test_effective_config_renders_the_file_shape_and_loads_back(tmp_path: Path) 
         "global": {
             "api_address": ":5000",
             "metrics_address": ":5001",
+            "http_authz_address": "",
             "temp_dir": "/tmp/apigee-istio",
             "keep_alive_max_connection_age": "1m0s",
             "tls": {"cert_file": "", "key_file": ""},
@@ -813,6 +814,8 @@ INVALID = {
     ),
     "invalid_refresh_rate_below_minimum.yaml": "products.refresh_rate: must be at least 1s, got 500ms",
     "invalid_same_addresses.yaml": "global.metrics_address: same as global.api_address (:7000)",
+    "invalid_http_authz_same_as_api.yaml": "global.http_authz_address: same as global.api_address (:7000)",
+    "invalid_http_authz_address.yaml": 'global.http_authz_address: invalid port "x" (expected 0-65535)',
     "invalid_section_not_mapping.yaml": "auth: expected a mapping, got list",
     "invalid_send_channel_size_zero.yaml": "analytics.send_channel_size: must be at least 1, got 0",
     "invalid_standalone_without_env_name.yaml": "tenant.env_name: required when tenant.catalog_file is set",
@@ -972,3 +975,15 @@ def test_effective_config_with_providers_loads_back(tmp_path: Path) -> None:
     path = tmp_path / "effective.yaml"
     path.write_text(yaml.safe_dump({k: v for k, v in effective.items() if k != "policy_secret"}))
     assert load_config(path, policy_secret_dir=str(secret_dir)).auth == config.auth
+
+
+def test_http_authz_address_is_off_by_default_and_read_when_set(tmp_path: Path) -> None:
+    assert load_config(FIXTURES / "valid_minimal.yaml").global_.http_authz_address is None
+    (tmp_path / "catalog.yaml").write_text((FIXTURES / "catalog.yaml").read_text())
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "tenant: {env_name: test, catalog_file: catalog.yaml}\nglobal: {http_authz_address: '127.0.0.1:5002'}\n"
+    )
+    config = load_config(path)
+    assert config.global_.http_authz_address == Address("127.0.0.1", 5002)
+    assert effective_config(config)["global"]["http_authz_address"] == "127.0.0.1:5002"  # type: ignore[index]
