@@ -30,7 +30,19 @@ DEFAULT_VARS: dict[str, str] = {
     "EXT_AUTHZ_TIMEOUT": "1s",  # the Go adapter samples; above auth.api_key_verify_wait (800ms)
     "HEALTH_INTERVAL": "1s",
     "ACCESS_LOG": "[]",  # bench.yaml: no access logger unless a case asks for one
+    # sidecar-http.yaml: authz response headers copied upstream; by default a name authz never sends
+    "UPSTREAM_HEADERS": "[{exact: x-authz-copy-nothing}]",
 }
+CONTEXT_HEADER_PREFIX = "x-authz-context-"  # the HTTP transport's context extensions (authz http_codec)
+# sidecar-http.yaml's UPSTREAM_HEADERS for auth.append_metadata_headers: the x-apigee-* context, never the
+# access token (the names are authz's authz.decision.dynamic_metadata, listed here: devstack never imports it)
+METADATA_UPSTREAM_HEADERS = (
+    "[{exact: x-apigee-api}, {exact: x-apigee-apiproducts}, {exact: x-apigee-application}, "
+    "{exact: x-apigee-clientid}, {exact: x-apigee-developeremail}, {exact: x-apigee-environment}, "
+    "{exact: x-apigee-organization}, {exact: x-apigee-scope}, {exact: x-apigee-analytics-product}, "
+    "{exact: x-apigee-authorized}, {exact: x-apigee-customattributes}, "
+    "{exact: x-apigee-unauthorized-reason}]"
+)
 
 # bench.yaml's ACCESS_LOG for the cases that stream Envoy's access log to authz (as envoy/sidecar.yaml does)
 GRPC_ACCESS_LOG = (
@@ -77,6 +89,14 @@ def per_route_authz(api_name: str | None) -> str:
     return json.dumps(per_route)
 
 
+def context_headers(api_name: str | None) -> str:
+    """sidecar-http.yaml's ``AUTHZ_CONTEXT``: the ``apigee_api`` context extension as a header Envoy adds
+    to every check (overriding a client's), or ``[]``."""
+    if not api_name:
+        return "[]"
+    return json.dumps([{"key": f"{CONTEXT_HEADER_PREFIX}apigee-api", "value": api_name}])
+
+
 def render(
     template_name: str,
     out_dir: Path,
@@ -98,6 +118,7 @@ def render(
     given = {**(variables or {}), **more_variables}
     values = {**DEFAULT_VARS, **{k: str(v) for k, v in given.items()}}
     values.setdefault("AUTHZ_PER_ROUTE", per_route_authz(api_name))
+    values.setdefault("AUTHZ_CONTEXT", context_headers(api_name))
     template = string.Template((TEMPLATE_DIR / template_name).read_text())
     try:
         text = template.substitute(values)

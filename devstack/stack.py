@@ -25,7 +25,14 @@ from typing import Any
 
 import yaml
 
-from devstack.envoy import REPO_ROOT, render, start_envoy, stats, wait_cluster_healthy
+from devstack.envoy import (
+    METADATA_UPSTREAM_HEADERS,
+    REPO_ROOT,
+    render,
+    start_envoy,
+    stats,
+    wait_cluster_healthy,
+)
 from devstack.procs import Proc, StartupError, free_port, wait_http_ok
 
 AUTHZ_READY_TIMEOUT = 30.0  # seconds; a cold start imports grpc, protobuf and the Envoy protos
@@ -142,6 +149,8 @@ class Stack:
     authz_proc: Proc
     envoy_proc: Proc
     policy_secret_dir: Path | None = None
+    transport: str = "grpc"  # how Envoy's ext_authz calls authz: "grpc" or "http" (sidecar-http.yaml)
+    http_authz_port: int = 0  # authz's HTTP check port (transport "http")
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -210,6 +219,7 @@ def start_stack(
     policy_secret_dir: Path | None = None,
     wait_ready: bool = True,
     envoy_template: str = "sidecar.yaml",
+    transport: str = "grpc",
 ) -> Stack:
     """Start authz (config written to ``work_dir/config.yaml``) and an Envoy sidecar in front of it.
 
@@ -228,6 +238,8 @@ def start_stack(
             outage; Envoy is then not waited on to see the authz cluster healthy.
         envoy_template: the sidecar template under ``envoy/``; it must have the ``authz`` cluster and the
             variables of ``sidecar.yaml`` (``sidecar-jwt-authn.yaml`` adds its own via ``envoy_vars``).
+        transport: ``"http"`` runs the checks over Envoy's ext_authz HTTP transport: authz gets a
+            ``global.http_authz_address`` and ``sidecar.yaml`` becomes ``sidecar-http.yaml``.
 
     Raises:
         StartupError: a process died or did not get ready; the message carries its log tail. Whatever
@@ -241,6 +253,7 @@ def start_stack(
                 envoy_vars=envoy_vars, listen_port=listen_port, api_port=api_port,
                 metrics_port=metrics_port, admin_port=admin_port, authz_ready_timeout=authz_ready_timeout,
                 policy_secret_dir=policy_secret_dir, wait_ready=wait_ready, envoy_template=envoy_template,
+                transport=transport,
             )  # fmt: skip
         except StartupError as exc:
             lost_race = "already in use" in str(exc).lower() or "cannot listen" in str(exc).lower()
@@ -265,12 +278,27 @@ def _start_stack_once(
     policy_secret_dir: Path | None,
     wait_ready: bool,
     envoy_template: str,
+    transport: str,
 ) -> Stack:
     log_dir = work_dir / "logs"
     listen_port = listen_port or free_port()
     api_port = api_port or free_port()
     metrics_port = metrics_port or free_port()
     admin_port = admin_port or free_port()
+    http_authz_port = 0
+    clusters = ["authz"]
+    if transport == "http":
+        if envoy_template != "sidecar.yaml":
+            raise ValueError(f"{envoy_template} has no HTTP transport variant")
+        envoy_template, http_authz_port = "sidecar-http.yaml", free_port()
+        overrides = deep_merge(
+            overrides or {}, {"global": {"http_authz_address": f"127.0.0.1:{http_authz_port}"}}
+        )
+        if overrides.get("auth", {}).get("append_metadata_headers"):  # Envoy decides what goes upstream
+            envoy_vars = {"UPSTREAM_HEADERS": METADATA_UPSTREAM_HEADERS, **(envoy_vars or {})}
+        clusters.append("authz_http")
+    elif transport != "grpc":
+        raise ValueError(f"transport must be grpc or http, not {transport!r}")
     config_path = write_authz_config(
         work_dir / "config.yaml",
         catalog_path=catalog_path,
@@ -283,6 +311,8 @@ def _start_stack_once(
         "ADMIN_PORT": admin_port,
         "AUTHZ_PORT": api_port,
         "UPSTREAM_PORT": upstream_port,
+        "AUTHZ_HTTP_PORT": http_authz_port,
+        "METRICS_PORT": metrics_port,
         **(envoy_vars or {}),
     }
     envoy_config = render(envoy_template, work_dir, variables, api_name=api_name)
@@ -313,11 +343,14 @@ def _start_stack_once(
         authz_proc=authz_proc,
         envoy_proc=envoy_proc,
         policy_secret_dir=policy_secret_dir,
+        transport=transport,
+        http_authz_port=http_authz_port,
     )
     if not wait_ready:
         return stack
     try:
-        wait_cluster_healthy(admin_port, "authz", ENVOY_HEALTHY_TIMEOUT, envoy_proc)
+        for cluster in clusters:
+            wait_cluster_healthy(admin_port, cluster, ENVOY_HEALTHY_TIMEOUT, envoy_proc)
     except BaseException:
         stack.close()
         raise

@@ -13,6 +13,10 @@
 * ``Stack`` (``devstack.stack``) has ``.url``, ``.metrics_url``, ``.admin_port``, ``.admin_url``,
   ``.catalog_path``, ``.config_path``, ``.authz_proc``, ``.envoy_proc``, ``.log_dir``, ``.envoy_stats()``,
   ``.logs()`` and ``.restart_authz()``.
+* Every test that uses ``authz_stack`` or ``module_authz_stack`` (or the ``transport`` fixture) runs twice:
+  over Envoy's gRPC ext_authz transport and over its HTTP transport (``envoy/sidecar-http.yaml``, authz's
+  ``global.http_authz_address``); ``stack.transport`` says which. ``grpc_authz_stack`` and
+  ``grpc_module_authz_stack`` are the gRPC-only factories, for what only gRPC carries (jwt_authn metadata).
 * ``api_name`` makes every route send the ext_authz context extension ``apigee_api``; without it authz
   takes the API from ``:authority``, so send ``headers={"host": "<api>"}``.
 * The echo upstream answers 200 with ``{"method", "path", "headers"}`` as received from Envoy.
@@ -49,9 +53,10 @@ class StackFactory(Protocol):
 class _Stacks:
     """Starts stacks under ``base_dir`` and remembers them for teardown."""
 
-    def __init__(self, base_dir: Path, upstream: EchoUpstream) -> None:
+    def __init__(self, base_dir: Path, upstream: EchoUpstream, transport: str = "grpc") -> None:
         self._base_dir = base_dir
         self._upstream = upstream
+        self._transport = transport
         self._stacks: list[Stack] = []
 
     def __call__(
@@ -75,6 +80,7 @@ class _Stacks:
             overrides=overrides,
             envoy_vars=envoy_vars,
             envoy_template=envoy_template,
+            transport=self._transport,
         )
         self._stacks.append(stack)
         return stack
@@ -99,19 +105,40 @@ def echo_upstream() -> Iterator[EchoUpstream]:
         yield upstream
 
 
+TRANSPORTS = ("grpc", "http")
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """How Envoy's ext_authz calls authz: "grpc" (sidecar.yaml) or "http" (sidecar-http.yaml)."""
+    return str(request.param)
+
+
 @pytest.fixture
-def authz_stack(tmp_path: Path, echo_upstream: EchoUpstream, envoy_bin: str) -> Iterator[StackFactory]:
+def authz_stack(
+    tmp_path: Path, echo_upstream: EchoUpstream, envoy_bin: str, transport: str
+) -> Iterator[StackFactory]:
     """Factory: ``authz_stack(catalog_yaml, overrides=None, *, api_name=None, envoy_vars=None) -> Stack``."""
-    stacks = _Stacks(tmp_path, echo_upstream)
+    stacks = _Stacks(tmp_path, echo_upstream, transport)
     yield stacks
     stacks.close()
 
 
 @pytest.fixture(scope="module")
 def module_authz_stack(
-    tmp_path_factory: pytest.TempPathFactory, echo_upstream: EchoUpstream, envoy_bin: str
+    tmp_path_factory: pytest.TempPathFactory, echo_upstream: EchoUpstream, envoy_bin: str, transport: str
 ) -> Iterator[StackFactory]:
     """The ``authz_stack`` factory with module lifetime: start once, share among a module's tests."""
+    stacks = _Stacks(tmp_path_factory.mktemp("e2e"), echo_upstream, transport)
+    yield stacks
+    stacks.close()
+
+
+@pytest.fixture(scope="module")
+def grpc_module_authz_stack(
+    tmp_path_factory: pytest.TempPathFactory, echo_upstream: EchoUpstream, envoy_bin: str
+) -> Iterator[StackFactory]:
+    """``module_authz_stack`` over the gRPC transport only."""
     stacks = _Stacks(tmp_path_factory.mktemp("e2e"), echo_upstream)
     yield stacks
     stacks.close()

@@ -34,7 +34,11 @@ SECONDS = 3
 
 @pytest.fixture
 def apigee_stack(
-    tmp_path: Path, echo_upstream: EchoUpstream, envoy_bin: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    echo_upstream: EchoUpstream,
+    envoy_bin: str,
+    monkeypatch: pytest.MonkeyPatch,
+    transport: str,
 ) -> Iterator[tuple[Stack, ApigeeThread]]:
     secret = write_policy_secret(tmp_path / "policy-secret")
     fake = FakeApigee(org=ORG, env=ENV, policy_jwks=secret.jwks)
@@ -59,6 +63,7 @@ def apigee_stack(
             "analytics": {"collection_interval": "1s"},
         },
         policy_secret_dir=secret.directory,
+        transport=transport,
     )
     yield stack, apigee
     stack.close()

@@ -25,7 +25,7 @@ from devstack.upstream import EchoUpstream
 from tests.fakes.apigee import FakeApigee
 from tests.support.apigee_config import PolicySecretFiles, write_policy_secret
 from tests.support.apigee_thread import ApigeeThread
-from tests.support.http_polling import outcome, poll
+from tests.support.http_polling import outcome, poll, unavailable
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +58,10 @@ REFRESH_RATE = "1s"  # products poll (and retry) every second
 class ApigeeStacks:
     """Starts FakeApigee threads and authz (Apigee mode) + Envoy stacks; stops them all at teardown."""
 
-    def __init__(self, base_dir: Path, upstream: EchoUpstream, secret: PolicySecretFiles) -> None:
+    def __init__(
+        self, base_dir: Path, upstream: EchoUpstream, secret: PolicySecretFiles, transport: str
+    ) -> None:
+        self._transport = transport
         self._base_dir = base_dir
         self._upstream = upstream
         self._secret = secret
@@ -91,6 +94,7 @@ class ApigeeStacks:
             envoy_vars={"EXT_AUTHZ_TIMEOUT": EXT_AUTHZ_TIMEOUT},
             policy_secret_dir=self._secret.directory,
             wait_ready=wait_ready,
+            transport=self._transport,
         )
         self._stacks.append(stack)
         return stack
@@ -110,9 +114,13 @@ def policy_secret(tmp_path_factory: pytest.TempPathFactory) -> PolicySecretFiles
 
 @pytest.fixture
 def apigee_stacks(
-    tmp_path: Path, echo_upstream: EchoUpstream, envoy_bin: str, policy_secret: PolicySecretFiles
+    tmp_path: Path,
+    echo_upstream: EchoUpstream,
+    envoy_bin: str,
+    policy_secret: PolicySecretFiles,
+    transport: str,
 ) -> Iterator[ApigeeStacks]:
-    stacks = ApigeeStacks(tmp_path, echo_upstream, policy_secret)
+    stacks = ApigeeStacks(tmp_path, echo_upstream, policy_secret, transport)
     yield stacks
     stacks.close()
 
@@ -123,9 +131,10 @@ def shared(
     echo_upstream: EchoUpstream,
     envoy_bin: str,
     policy_secret: PolicySecretFiles,
+    transport: str,
 ) -> Iterator[Stack]:
     """One fake and one stack for the read-only tests of this module."""
-    stacks = ApigeeStacks(tmp_path_factory.mktemp("apigee-e2e"), echo_upstream, policy_secret)
+    stacks = ApigeeStacks(tmp_path_factory.mktemp("apigee-e2e"), echo_upstream, policy_secret, transport)
     try:
         yield stacks.stack(stacks.fake())
     finally:
@@ -222,7 +231,9 @@ def test_outage_keeps_cached_keys_and_catalog_and_new_keys_get_503(apigee_stacks
     for i in range(1, 21):  # other paths than before: answered from the key cache, not an allow cache
         assert send(http, stack, f"/v1/orders/{i}", ORDERS_KEY).status_code == 200, stack.logs()
     for key in (OTHER_KEY, "never-seen-key-77b0"):  # valid or not, Apigee cannot tell us now
-        assert outcome(send(http, stack, "/v1/orders/1", key)) == (503, "auth_unavailable"), stack.logs()
+        assert outcome(send(http, stack, "/v1/orders/1", key)) == unavailable(
+            stack.transport, "auth_unavailable"
+        ), stack.logs()
     assert readyz(http, stack) == (200, readiness("apigee"))
     assert metric(http, stack, "products_cached", org=ORG) == len(PRODUCTS)
     assert outcome(send(http, stack, "/v2/orders", ORDERS_KEY)) == (403, "not_authorized")  # same catalog
@@ -244,14 +255,16 @@ def test_cold_start_serves_the_snapshot_until_apigee_is_back(apigee_stacks, http
     assert metric(http, stack, "catalog_from_snapshot", org=ORG) == 1.0
     assert outcome(send(http, stack, "/v1/orders/1", None)) == (401, "missing_credentials")
     # The key cache is memory only: after the restart no key can be verified until Apigee answers.
-    assert outcome(send(http, stack, "/v1/orders/1", ORDERS_KEY)) == (503, "auth_unavailable")
+    assert outcome(send(http, stack, "/v1/orders/1", ORDERS_KEY)) == unavailable(
+        stack.transport, "auth_unavailable"
+    )
 
     apigee.up()
     poll(lambda: readyz(http, stack)[1]["catalog_source"], lambda s: s == "apigee", "catalog from Apigee")
     assert metric(http, stack, "catalog_from_snapshot", org=ORG) == 0.0
     seen = poll(
         lambda: outcome(send(http, stack, "/v1/orders/1", ORDERS_KEY)),
-        lambda o: o != (503, "auth_unavailable"),
+        lambda o: o != unavailable(stack.transport, "auth_unavailable"),
         "the key verified again",
     )
     assert seen == (200, ""), stack.logs()
@@ -262,7 +275,9 @@ def test_cold_start_without_snapshot_is_unready_and_503_until_apigee_answers(api
     stack = apigee_stacks.stack(apigee, wait_ready=False)
     assert readyz(http, stack) == (503, readiness("none"))
     for key in (ORDERS_KEY, None, "not-a-key-4d1e"):
-        assert outcome(send(http, stack, "/v1/orders/1", key)) == (503, "not_ready"), stack.logs()
+        assert outcome(send(http, stack, "/v1/orders/1", key)) == unavailable(stack.transport, "not_ready"), (
+            stack.logs()
+        )
 
     apigee.up()
     poll(lambda: readyz(http, stack)[0], lambda status: status == 200, "ready")
@@ -273,7 +288,9 @@ def test_cold_start_without_snapshot_is_unready_and_503_until_apigee_answers(api
         return seen[-1]
 
     poll(probe, lambda o: o == (200, ""), "the valid key allowed")
-    assert set(seen) <= {(503, "auth_unavailable"), (200, "")}, seen  # never a 401/403 on the way
+    assert set(seen) <= {unavailable(stack.transport, "auth_unavailable"), (200, "")}, (
+        seen
+    )  # never a 401/403 on the way
     assert outcome(send(http, stack, "/v1/orders/1", "not-a-key-4d1e")) == (401, "unknown_key")
     assert stack.envoy_stats().get("http.ingress_http.ext_authz.failure_mode_allowed", 0) == 0
 

@@ -137,7 +137,7 @@ def test_quota_metrics_over_http(with_headers, http):
 
 @pytest.fixture
 def apigee_quota_stack(
-    tmp_path: Path, echo_upstream: EchoUpstream, envoy_bin: str
+    tmp_path: Path, echo_upstream: EchoUpstream, envoy_bin: str, transport: str
 ) -> Iterator[tuple[ApigeeThread, Stack]]:
     """authz in Apigee mode (provisioned policy secret) behind Envoy, against a FakeApigee on a thread
     that sells the metered product at 5 requests per minute."""
@@ -159,6 +159,7 @@ def apigee_quota_stack(
             },
             envoy_vars={"EXT_AUTHZ_TIMEOUT": "1s"},  # above the service's own waits (key verify 0.8 s)
             policy_secret_dir=secret.directory,
+            transport=transport,
         )
         try:
             yield apigee, stack

@@ -15,10 +15,16 @@ T = TypeVar("T")
 
 
 def outcome(response: httpx.Response) -> tuple[int, str]:
-    """(HTTP status, deny reason); the reason is "" for a response from the upstream."""
-    if response.status_code == 200:
-        return 200, ""
+    """(HTTP status, deny reason); the reason is "" for a response from the upstream or from Envoy itself."""
+    if response.status_code == 200 or not response.content:
+        return response.status_code, ""
     return response.status_code, response.json().get("reason", "")
+
+
+def unavailable(transport: str, reason: str) -> tuple[int, str]:
+    """The outcome of authz's 503 ("cannot decide") as a client sees it. Over Envoy's HTTP transport a 5xx
+    from the authorization service is an error, answered with ``status_on_error`` (503) and no body."""
+    return 503, reason if transport == "grpc" else ""
 
 
 def poll(probe: Callable[[], T], done: Callable[[T], bool], what: str, timeout: float = DEADLINE) -> T:
