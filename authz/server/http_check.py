@@ -44,8 +44,7 @@ _HEAD_TOO_LARGE = (
 
 
 class _Refused(Exception):
-    def __init__(self, answer: bytes) -> None:
-        self.answer = answer
+    """Raised from a parser callback (httptools wraps it in HttpParserCallbackError)."""
 
 
 class _Connection(asyncio.Protocol):
@@ -66,6 +65,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._write_paused = False
         self._closing = False  # close once the owed answers are sent
+        self._refusal: bytes | None = None  # the answer to a request refused in a parser callback
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -84,12 +84,12 @@ class _Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         try:
             self._parser.feed_data(data)
-        except _Refused as refused:
-            self._refuse(refused.answer)
-        except httptools.HttpParserUpgrade:
-            self._refuse(_BAD_REQUEST)
+        except httptools.HttpParserUpgrade:  # checked like any request; the connection then ends
+            self._pause()
+            self._closing = True
+            self._flush()
         except httptools.HttpParserError:
-            self._refuse(_BAD_REQUEST)
+            self._refuse(self._refusal or _BAD_REQUEST)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -113,11 +113,11 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._grow(len(name) + len(value))
         if len(self._headers) >= MAX_HEADERS:
-            raise _Refused(_HEAD_TOO_LARGE)
+            self._refused(_HEAD_TOO_LARGE)
         self._headers.append((name, value))
 
     def on_body(self, body: bytes) -> None:
-        raise _Refused(_TOO_LARGE)  # a check carries no body (Envoy's with_request_body is not supported)
+        self._refused(_TOO_LARGE)  # a check carries no body (Envoy's with_request_body is not supported)
 
     def on_message_complete(self) -> None:
         self.started = None
@@ -145,10 +145,14 @@ class _Connection(asyncio.Protocol):
         self._flush()
 
     # -- internals -------------------------------------------------------------------------------------
+    def _refused(self, answer: bytes) -> None:
+        self._refusal = answer
+        raise _Refused
+
     def _grow(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > MAX_HEAD_BYTES:
-            raise _Refused(_HEAD_TOO_LARGE)
+            self._refused(_HEAD_TOO_LARGE)
 
     @property
     def busy(self) -> bool:
@@ -236,8 +240,11 @@ class HttpCheckServer:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            now = time.monotonic()
-            for connection in list(self.connections):
-                slow = connection.started is not None and now - connection.started > HEAD_TIMEOUT
-                if slow or (not connection.busy and now - connection.last_active > IDLE_TIMEOUT):
-                    connection.close()
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        """Close connections whose request head is late (slow clients) or that sat idle too long."""
+        for connection in list(self.connections):
+            slow = connection.started is not None and now - connection.started > HEAD_TIMEOUT
+            if slow or (not connection.busy and now - connection.last_active > IDLE_TIMEOUT):
+                connection.close()
