@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install run run-apigee test lint typecheck bench clean
+.PHONY: help install run run-http run-apigee test lint typecheck bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ install: $(STAMP) ## create .venv and install the service with its test extra (a
 
 run: $(STAMP) ## start the local stack: authz (standalone demo catalog) + Envoy sidecar + demo upstream
 	$(PY) -m devstack
+
+run-http: $(STAMP) ## as make run, with Envoy calling authz over the ext_authz HTTP transport (envoy/sidecar-http.yaml)
+	$(PY) -m devstack --http
 
 run-apigee: $(STAMP) ## the local stack with authz in Apigee mode, against a fake Apigee (demo products and key)
 	$(PY) -m devstack --apigee

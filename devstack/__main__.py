@@ -100,11 +100,16 @@ def _banner(stack: Stack, upstream: EchoUpstream, work_dir: Path, fake: FakeApig
   # where the catalog and the key index come from (apigee), and keys answered from the index
   curl -s {stack.metrics_url}/readyz
   curl -s {stack.metrics_url}/metrics | grep -E '{APIGEE_METRICS}'"""
+    http_checks = ""
+    if stack.transport == "http":
+        http_checks = (
+            f"\n  authz HTTP       127.0.0.1:{stack.http_authz_port}   (Envoy's ext_authz checks go here)"
+        )
     return f"""
 authz demo stack is up ({mode}; org demo, env test, API {DEMO_API!r} set by the Envoy route).
   Envoy listener   {url}
   Envoy admin      {stack.admin_url}
-  authz gRPC       127.0.0.1:{stack.api_port}
+  authz gRPC       127.0.0.1:{stack.api_port}{http_checks}
   authz metrics    {stack.metrics_url}/metrics   (/readyz /livez /healthz)
   echo upstream    {upstream.url}{apigee}
   logs and configs {work_dir}
@@ -151,6 +156,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--apigee", action="store_true", help="Apigee mode, against a fake Apigee (default: standalone)"
     )
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="Envoy calls authz over ext_authz's HTTP transport (default: gRPC)",
+    )
     return parser.parse_args(argv)
 
 
@@ -187,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.apigee:
                 fake, policy_secret = _start_fake(work_dir)
             catalog = None if fake is not None else DEMO_CATALOG
-            stack = start_stack(work_dir, catalog, upstream.port, **_stack_options(fake, policy_secret))
+            transport = "http" if args.http else "grpc"
+            options = _stack_options(fake, policy_secret)
+            stack = start_stack(work_dir, catalog, upstream.port, transport=transport, **options)
         except StartupError as exc:
             print(f"\nstart-up failed: {exc}", file=sys.stderr)
             return 1
