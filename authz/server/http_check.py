@@ -58,8 +58,8 @@ class _Connection(asyncio.Protocol):
         self._url: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
-        self._pending: deque[asyncio.Task[bytes] | bytes] = deque()
-        self._heads: deque[bool] = deque()  # per pending answer: was it a HEAD request (no body)
+        # owed answers in request order, each with whether its request was a HEAD (answered without body)
+        self._pending: deque[tuple[asyncio.Task[bytes] | bytes, bool]] = deque()
         self.started: float | None = None  # monotonic time a request head began; None between requests
         self.last_active = time.monotonic()
         self._paused = False
@@ -76,7 +76,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self._transport = None
-        for entry in self._pending:
+        for entry, _ in self._pending:
             if not isinstance(entry, bytes):
                 entry.remove_done_callback(self._flush)
 
@@ -135,10 +135,9 @@ class _Connection(asyncio.Protocol):
         if answer is None:
             task = asyncio.get_running_loop().create_task(self._checker.check(request))
             task.add_done_callback(self._flush)
-            self._pending.append(task)
+            self._pending.append((task, head))
         else:
-            self._pending.append(answer)
-        self._heads.append(head)
+            self._pending.append((answer, head))
         if len(self._pending) >= MAX_PIPELINED:
             self._paused = True
             self._pause()
@@ -160,13 +159,13 @@ class _Connection(asyncio.Protocol):
         return self.started is not None or bool(self._pending)
 
     def in_flight(self) -> list[asyncio.Task[bytes]]:
-        return [entry for entry in self._pending if not isinstance(entry, bytes)]
+        return [entry for entry, _ in self._pending if not isinstance(entry, bytes)]
 
     def _flush(self, _task: object = None) -> None:
         """Send every answer at the head of the queue that is ready, in request order."""
-        pending, heads = self._pending, self._heads
+        pending = self._pending
         while pending:
-            entry = pending[0]
+            entry, head = pending[0]
             if isinstance(entry, bytes):
                 answer = entry
             elif entry.done():
@@ -174,7 +173,7 @@ class _Connection(asyncio.Protocol):
             else:
                 return
             pending.popleft()
-            self._write(answer, heads.popleft())
+            self._write(answer, head)
         if self._closing:
             self.close()
         elif self._paused:
@@ -189,8 +188,7 @@ class _Connection(asyncio.Protocol):
         """Answer a request this port will not check, then close (after the answers owed before it)."""
         self._pause()
         self._closing = True
-        self._pending.append(answer)
-        self._heads.append(False)
+        self._pending.append((answer, False))
         self._flush()
 
     def _pause(self) -> None:
