@@ -34,7 +34,10 @@ lint: $(STAMP) ## ruff lint and format check
 typecheck: $(STAMP) ## mypy --strict on authz/
 	$(PY) -m mypy
 
-test: $(STAMP) ## lint, typecheck and the whole test suite (unit, integration, Envoy end to end)
+test: $(STAMP) ## lint, typecheck and the whole test suite (unit, integration, Envoy end to end, Prometheus, Locust)
+	command -v prometheus >/dev/null || (apt-get install -y -qq --no-install-recommends prometheus \
+	  || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)) \
+	  || echo "make test: no apt-get here: the Prometheus scrape test will be skipped"
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
