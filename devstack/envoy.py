@@ -29,8 +29,9 @@ DEFAULT_VARS: dict[str, str] = {
     "UPSTREAM_HOST": "127.0.0.1",
     "EXT_AUTHZ_TIMEOUT": "1s",  # the Go adapter samples; above auth.api_key_verify_wait (800ms)
     "HEALTH_INTERVAL": "1s",
-    # http2 max_concurrent_streams of the authz cluster: Envoy's own default, one connection per worker
-    "AUTHZ_MAX_CONCURRENT_STREAMS": "2147483647",
+    # http2 max_concurrent_streams of the authz cluster: Envoy's own default (protocol.proto), so one
+    # connection per Envoy worker carries every check below 1024 in flight
+    "AUTHZ_MAX_CONCURRENT_STREAMS": "1024",
     "ACCESS_LOG": "[]",  # bench.yaml: no access logger unless a case asks for one
     # sidecar-http.yaml: authz response headers copied upstream; by default a name authz never sends
     "UPSTREAM_HEADERS": "[{exact: x-authz-copy-nothing}]",
