@@ -24,6 +24,7 @@ from authz.config import (
 )
 from authz.decision.authorize import key_digest
 from authz.errors import ConfigError, ListenError
+from authz.render import command as render_command
 from authz.standalone.catalog_file import load_catalog
 
 KEY_ALPHABET = string.ascii_letters + string.digits
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     key_commands.add_parser("new", help="print a new random API key and its catalog line")
     key_commands.add_parser("hash", help="read API keys on stdin, print their key_sha256 lines")
+    render_command.add_parser(commands, env)
     return parser
 
 
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "keys":
         return _keys(args.keys_command)
+    if args.command == "render":
+        return render_command.main(args)
     logs.setup(args.log_level, args.json_log)
     try:
         if args.command == "check-config":

