@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import ssl
+import sys
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from authz.analytics.adopt import adopt_orphans, worker_temp_dir
 from authz.analytics.buffer import Buffer
 from authz.analytics.uploader import Uploader
 from authz.apigee.analytics import AnalyticsClient, new_endpoint_http_client
@@ -52,6 +54,7 @@ from authz.server.health import Health
 from authz.server.http import HttpEndpoints
 from authz.server.http_check import HttpCheckServer
 from authz.standalone.watcher import LocalCatalog
+from authz.workers import Role
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +152,13 @@ class _Analytics:
     the staged gzip NDJSON files stay on disk (rotated every ``analytics.collection_interval``, oldest
     dropped past the disk cap)."""
 
-    def __init__(self, config: Config, metrics: Metrics, clock: Clock, apigee: _Apigee | None) -> None:
+    def __init__(
+        self, config: Config, metrics: Metrics, clock: Clock, apigee: _Apigee | None, role: Role | None
+    ) -> None:
         org = config.tenant.org_name
+        self._role = role
         self.buffer = Buffer(
-            config.global_.temp_dir,
+            worker_temp_dir(config.global_.temp_dir, role.index if role is not None else 0),
             org,
             metrics,
             clock,
@@ -172,6 +178,9 @@ class _Analytics:
         self._config = config
 
     async def start(self) -> list[asyncio.Task[None]]:
+        role = self._role
+        if role is None or role.index == 0:  # files of workers that no longer run (after scaling down)
+            await asyncio.to_thread(adopt_orphans, self._config.global_.temp_dir, role.count if role else 1)
         await self.buffer.recover()  # files a crash left behind, each for its own org and env
         tasks = [asyncio.create_task(self.buffer.run(), name="analytics-buffer")]
         if self.google is not None and not await self.google.load():  # ADC: a worker thread
@@ -322,14 +331,15 @@ class _Apigee:
             self.google.close()
 
 
-def _grpc_options(config: Config) -> list[tuple[str, int]]:
+def _grpc_options(config: Config, shared: bool = False) -> list[tuple[str, int]]:
     age_ms = int(config.global_.keep_alive_max_connection_age * 1000)
     return [
         # Recycle connections so long-lived streams rebalance across replicas (Go adapter issue #77).
         ("grpc.max_connection_age_ms", age_ms),
         ("grpc.max_connection_age_grace_ms", int(config.global_.graceful_shutdown_timeout * 1000)),
-        # Two servers must never share a port silently.
-        ("grpc.so_reuseport", 0),
+        # Two servers must never share a port silently; only the workers of one supervisor do (its
+        # pre-flight check made sure nothing else listens there).
+        ("grpc.so_reuseport", 1 if shared else 0),
     ]
 
 
@@ -345,10 +355,22 @@ def _server_tls(config: Config) -> tuple[grpc.ServerCredentials | None, ssl.SSLC
 
 
 class Service:
-    """One running service: start() binds the ports, stop() drains and closes."""
+    """One running service: start() binds the ports, stop() drains and closes.
 
-    def __init__(self, config: Config, clock: Clock | None = None, metrics: Metrics | None = None) -> None:
+    With a ``role`` it is one worker of ``authz serve --workers N`` (``authz.workers``): the gRPC and HTTP
+    check ports are shared with the other workers (SO_REUSEPORT), the metrics and probes are served on the
+    role's private unix socket for the supervisor, and analytics go to the worker's own directory.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        role: Role | None = None,
+    ) -> None:
         self.config = config
+        self.role = role
         self.clock = clock or SystemClock()
         self.metrics = metrics or new_metrics()
         org = config.tenant.org_name
@@ -366,7 +388,7 @@ class Service:
         if config.auth.jwt_providers:
             self.jwt = _Tokens(config, self.metrics, self.clock, self.apigee)
         self.health = Health(lambda: self.current_catalog() is not None, self.metrics, self._details)
-        self.analytics = _Analytics(config, self.metrics, self.clock, self.apigee)
+        self.analytics = _Analytics(config, self.metrics, self.clock, self.apigee, role)
         self.quotas = QuotaManager(
             self.metrics,
             org,
@@ -432,7 +454,8 @@ class Service:
         self._tasks.append(asyncio.create_task(self.quotas.run(), name="quota-sync"))
         self._tasks.extend(await self.analytics.start())
         credentials, http_tls = _server_tls(self.config)
-        server = grpc.aio.server(options=_grpc_options(self.config))
+        shared = self.role is not None
+        server = grpc.aio.server(options=_grpc_options(self.config, shared))
         add_to_server(self.authorization, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.analytics.servicer, server)
@@ -449,17 +472,23 @@ class Service:
         address = self.config.global_.metrics_address
         endpoints = HttpEndpoints(self.health, self.metrics)
         try:
-            self._http = await endpoints.start(address.http_host(), address.port, http_tls)
+            if self.role is not None:
+                self._http = await endpoints.start_unix(self.role.socket)
+            else:
+                self._http = await endpoints.start(address.http_host(), address.port, http_tls)
         except OSError as exc:
             await server.stop(0)
             raise ListenError(
                 f"cannot listen on {address} (global.metrics_address): {exc.strerror}"
             ) from None
-        self.http_port = self._http.sockets[0].getsockname()[1]
+        if self.role is None:
+            self.http_port = self._http.sockets[0].getsockname()[1]
         checks = self.config.global_.http_authz_address
         if self.http_checks is not None and checks is not None:
             try:
-                self.http_authz_port = await self.http_checks.start(checks.http_host(), checks.port, http_tls)
+                self.http_authz_port = await self.http_checks.start(
+                    checks.http_host(), checks.port, http_tls, reuse_port=shared
+                )
             except OSError as exc:
                 await server.stop(0)
                 self._http.close()
@@ -468,9 +497,8 @@ class Service:
                 ) from None
         self._readiness = asyncio.create_task(self._publish_readiness(), name="readiness")
         await self.health.refresh()
-        log.info(
-            "serving ext_authz on %s (port %d), metrics on port %d", target, self.grpc_port, self.http_port
-        )
+        metrics = f"port {self.http_port}" if self.role is None else self.role.socket
+        log.info("serving ext_authz on %s (port %d), metrics on %s", target, self.grpc_port, metrics)
         if checks is not None:
             log.info("serving HTTP ext_authz on %s (port %d)", checks, self.http_authz_port)
 
@@ -519,8 +547,26 @@ class Service:
                 await self.health.refresh()
 
 
-async def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT, then shut down in order. Returns the exit code."""
+class _Supervisor(asyncio.Protocol):
+    """A worker's stdin: a pipe its supervisor holds and never writes. EOF means the supervisor is gone
+    (even killed with SIGKILL): drain as on SIGTERM rather than serve on, unsupervised."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+
+    def eof_received(self) -> bool | None:
+        self.connection_lost(None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._stop.is_set():
+            log.warning("the supervisor is gone: draining")
+            self._stop.set()
+
+
+async def serve(config: Config, role: Role | None = None) -> int:
+    """Run until SIGTERM or SIGINT (a worker: or its supervisor's exit), then shut down in order. Returns
+    the exit code."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -533,7 +579,9 @@ async def serve(config: Config) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    service = Service(config)
+    if role is not None:
+        await loop.connect_read_pipe(lambda: _Supervisor(stop), sys.stdin)
+    service = Service(config, role=role)
     await service.start()
     await stop.wait()
     await service.stop()

@@ -1,7 +1,8 @@
 """Command line: ``authz serve``, ``authz check-config`` and ``authz keys new|hash``.
 
 Every flag can also come from an ``AUTHZ_*`` environment variable (read here, once, and nowhere else).
-Exit codes: 0 success, 1 a port cannot be opened, 2 bad config or catalog.
+Exit codes: 0 success, 1 a port cannot be opened (or a worker of ``--workers N`` did not exit cleanly), 2 bad
+config or catalog (or a bad ``--workers``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import secrets
 import string
 import sys
+from collections.abc import Mapping
 
 import yaml
 
@@ -26,6 +28,7 @@ from authz.decision.authorize import key_digest
 from authz.errors import ConfigError, ListenError
 from authz.render import command as render_command
 from authz.standalone.catalog_file import load_catalog
+from authz.workers import MAX_WORKERS, parse_role, supervise, tag_logs, worker_count
 
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_LENGTH = 40  # like Apigee consumer keys; about 238 bits of entropy
@@ -56,12 +59,57 @@ def _parser() -> argparse.ArgumentParser:
                              choices=["debug", "info", "warning", "error"], type=str.lower)  # fmt: skip
         command.add_argument("-j", "--json-log", action="store_true",
                              default=env.get("AUTHZ_JSON_LOG", "") in ("1", "true"))  # fmt: skip
+        if name == "serve":
+            _worker_arguments(command, env)
     keys = commands.add_parser("keys", help="API keys for the local catalog")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     key_commands.add_parser("new", help="print a new random API key and its catalog line")
     key_commands.add_parser("hash", help="read API keys on stdin, print their key_sha256 lines")
     render_command.add_parser(commands, env)
     return parser
+
+
+def _workers(value: str) -> int:
+    try:
+        return worker_count(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (--workers or AUTHZ_WORKERS)") from None
+
+
+def _worker_arguments(command: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    command.add_argument(
+        "-w",
+        "--workers",
+        type=_workers,
+        default=env.get("AUTHZ_WORKERS", "1"),
+        help=f"worker processes sharing the ports (1 to {MAX_WORKERS}; default 1, a single process)",
+    )
+    # Set by the supervisor for each worker it starts; not for users.
+    command.add_argument("--worker", help=argparse.SUPPRESS)
+    command.add_argument("--worker-socket", default="", help=argparse.SUPPRESS)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """One process, one worker of a supervisor, or (``--workers`` N > 1) the supervisor of N workers."""
+    config = load_config(args.config, args.policy_secret, args.analytics_secret)
+    if args.worker is None and args.workers > 1:
+        if config.standalone:
+            load_catalog(config.tenant.catalog_file)  # fail before starting anything, as one process does
+        argv = ["serve", "--config", args.config, "--policy-secret", args.policy_secret]
+        argv += ["--analytics-secret", args.analytics_secret, "--log-level", args.log_level]
+        argv += ["--json-log"] if args.json_log else []
+        return asyncio.run(supervise(config, argv, args.workers))
+    role = None
+    if args.worker is not None:
+        try:
+            role = parse_role(args.worker, args.worker_socket)
+        except ValueError as exc:
+            print(f"authz: {exc}", file=sys.stderr)
+            return 2
+        tag_logs(role.index)
+    from authz.app import serve  # grpc is imported only to serve
+
+    return asyncio.run(serve(config, role))
 
 
 def new_key() -> str:
@@ -100,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return _check_config(args.config, args.policy_secret, args.analytics_secret)
-        from authz.app import serve  # grpc is imported only to serve
-
-        config = load_config(args.config, args.policy_secret, args.analytics_secret)
-        return asyncio.run(serve(config))
+        return _serve(args)
     except ConfigError as exc:
         print(f"authz: {exc}", file=sys.stderr)
         return 2

@@ -273,3 +273,33 @@ def new_metrics(buckets: tuple[float, ...] = CHECK_BUCKETS) -> Metrics:
             registry=registry,
         ),
     )
+
+
+@dataclass(frozen=True)
+class SupervisorMetrics:
+    """The supervisor's own metrics with ``authz serve --workers N``, next to the workers' merged ones."""
+
+    registry: CollectorRegistry
+    workers: Gauge
+    worker_up: Gauge
+    worker_restarts: Counter
+
+
+def new_supervisor_metrics() -> SupervisorMetrics:
+    registry = CollectorRegistry(auto_describe=True)
+    return SupervisorMetrics(
+        registry=registry,
+        workers=Gauge("workers", "Worker processes configured (authz serve --workers).", registry=registry),
+        worker_up=Gauge(
+            "worker_up",
+            "1 when the worker answered the supervisor at the last scrape, 0 otherwise.",
+            ["worker"],
+            registry=registry,
+        ),
+        worker_restarts=Counter(
+            "worker_restarts",
+            "Workers restarted by the supervisor after an unexpected exit.",
+            ["worker"],
+            registry=registry,
+        ),
+    )

@@ -213,10 +213,15 @@ class HttpCheckServer:
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self, host: str | None, port: int, tls: ssl.SSLContext | None = None) -> int:
-        """Listen; returns the bound port. Raises OSError when the address cannot be bound."""
+    async def start(
+        self, host: str | None, port: int, tls: ssl.SSLContext | None = None, *, reuse_port: bool = False
+    ) -> int:
+        """Listen; returns the bound port. Raises OSError when the address cannot be bound. ``reuse_port``:
+        the workers of ``authz serve --workers N`` share the port (SO_REUSEPORT)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host or None, port, ssl=tls)
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host or None, port, ssl=tls, reuse_port=reuse_port
+        )
         self._sweeper = asyncio.create_task(self._sweep(), name="http-check-sweep")
         port_bound: int = self._server.sockets[0].getsockname()[1]
         return port_bound
