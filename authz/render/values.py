@@ -22,7 +22,8 @@ MAX_STREAMS = 2**31 - 1  # http2 max_concurrent_streams: 1 to 2^31-1 (Envoy prot
 # RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens, 253 characters at most.
 _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m)")
+_DIGITS = re.compile(r"[0-9]{1,10}")  # ASCII only: str.isdigit() and int() also take "٣"
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m)")
 _DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60)}
 # An Apigee API (proxy) name or a remote-service target such as httpbin.org: no quotes, spaces, braces,
 # `=` or `@`.
@@ -64,7 +65,7 @@ def is_ip(text: str) -> bool:
 
 def port(text: str) -> int:
     """A TCP port, 1 to 65535."""
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= 65535:
         raise ValueError(f"{text!r} is not a port (1-65535)")
     return int(text)
 
@@ -119,7 +120,7 @@ def duration(text: str) -> str:
 
 def streams(text: str) -> int:
     """http2 max_concurrent_streams: 1 to 2^31-1."""
-    if not text.isdigit() or not 1 <= int(text) <= MAX_STREAMS:
+    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= MAX_STREAMS:
         raise ValueError(f"{text!r} is not a stream count (1-{MAX_STREAMS})")
     return int(text)
 
