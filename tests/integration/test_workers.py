@@ -38,6 +38,7 @@ class Fleet:
     config: Path
     api_port: int
     metrics_port: int
+    http_port: int
     temp_dir: Path
 
     def metrics(self) -> str:
@@ -64,7 +65,9 @@ class Fleet:
         return found
 
 
-def write_config(tmp_path: Path, api_port: int, metrics_port: int, name: str = "config.yaml") -> Path:
+def write_config(
+    tmp_path: Path, api_port: int, metrics_port: int, name: str = "config.yaml", http_port: int | None = None
+) -> Path:
     catalog = tmp_path / "catalog.yaml"
     if not catalog.exists():
         catalog.write_text(catalog_yaml())
@@ -72,7 +75,10 @@ def write_config(tmp_path: Path, api_port: int, metrics_port: int, name: str = "
     text = config_yaml(str(catalog)).replace(
         'api_address: "127.0.0.1:0"', f'api_address: "127.0.0.1:{api_port}"'
     )
-    text = text.replace('metrics_address: "127.0.0.1:0"', f'metrics_address: "127.0.0.1:{metrics_port}"')
+    metrics = f'metrics_address: "127.0.0.1:{metrics_port}"'
+    if http_port is not None:  # the HTTP check port, shared like the gRPC one
+        metrics += f'\n  http_authz_address: "127.0.0.1:{http_port}"'
+    text = text.replace('metrics_address: "127.0.0.1:0"', metrics)
     config.write_text(text.replace(".temp", f".{name}.temp"))
     return config
 
@@ -82,15 +88,16 @@ def serve_argv(config: Path, *extra: str) -> list[str]:
 
 
 def start_fleet(tmp_path: Path, workers: int = 2) -> Fleet:
-    api_port, metrics_port = free_port(), free_port()
-    config = write_config(tmp_path, api_port, metrics_port)
+    api_port, metrics_port, http_port = free_port(), free_port(), free_port()
+    config = write_config(tmp_path, api_port, metrics_port, http_port=http_port)
     proc = Proc("fleet", serve_argv(config, "--workers", str(workers)), tmp_path, cwd=REPO)
     try:
         wait_http_ok(f"http://127.0.0.1:{metrics_port}/readyz", START_TIMEOUT, proc)
     except BaseException:
         proc.stop()
         raise
-    return Fleet(proc, config, api_port, metrics_port, Path(f"{tmp_path}/catalog.yaml.config.yaml.temp"))
+    temp_dir = Path(f"{tmp_path}/catalog.yaml.config.yaml.temp")
+    return Fleet(proc, config, api_port, metrics_port, http_port, temp_dir)
 
 
 @pytest.fixture
@@ -117,6 +124,12 @@ def by_worker(text: str, sample_name: str, **labels: str) -> dict[str, float]:
                 worker = sample.labels["worker"]
                 counts[worker] = counts.get(worker, 0.0) + sample.value
     return counts
+
+
+def http_check(port: int, key: str) -> int:
+    """One check over the HTTP check port (a new connection each time: urllib closes it)."""
+    headers = {"Host": "orders-api", "x-api-key": key}
+    return http_get(f"http://127.0.0.1:{port}/v1/orders/1", headers=headers)[0]
 
 
 def spread(fleet: Fleet) -> dict[str, float]:
@@ -148,13 +161,19 @@ def test_two_workers_share_the_port_merge_metrics_and_keep_analytics_apart(tmp_p
     fleet = start_fleet(tmp_path)
     try:
         assert check(fleet.api_port, ORDERS_KEY) == 0
+        for _ in range(MAX_CHANNELS):  # the HTTP check port is shared too
+            assert http_check(fleet.http_port, ORDERS_KEY) == 200
+            allowed = by_worker(fleet.metrics(), "auth_requests_seconds_count", code="200")
+            if len(allowed) == 2:
+                break
+        assert set(allowed) == {"0", "1"}
         denied = spread(fleet)  # each deny is also an analytics record, in its worker's buffer
         text = fleet.metrics()
         families = {f.name: f for f in text_string_to_metric_families(text)}
         assert text.count("# HELP auth_denied_total ") == 1
         assert text.count("# TYPE auth_requests_seconds histogram") == 1
-        checks = by_worker(text, "auth_requests_seconds_count")
-        assert sum(checks.values()) == sum(denied.values()) + 1  # + the allow
+        checks = by_worker(text, "auth_requests_seconds_count", code="401")
+        assert checks == denied
         assert {s.labels["worker"]: s.value for s in families["worker_up"].samples} == {"0": 1.0, "1": 1.0}
         assert families["workers"].samples[0].value == 2.0
         ready = {s.labels["worker"] for s in families["ready"].samples if s.value == 1.0}
@@ -194,7 +213,20 @@ def test_sigterm_drains_every_worker_within_the_grace_period(fleet):
     assert fleet.proc.returncode == 0
     assert time.monotonic() - started < GRACE + 5
     for pid in pids.values():
-        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+        assert _gone(pid)
+
+
+def test_workers_drain_when_the_supervisor_is_killed(fleet):
+    pids = fleet.workers()
+    os.kill(fleet.proc.pid, signal.SIGKILL)  # no forwarding: the workers see their stdin pipe close
+    for pid in pids.values():
+        poll(lambda pid=pid: _gone(pid), bool, f"worker {pid} exit", timeout=GRACE + 5)
+    with pytest.raises(grpc.RpcError):
+        check(fleet.api_port, ORDERS_KEY)
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists() or _zombie(pid)
 
 
 def _zombie(pid: int) -> bool:
