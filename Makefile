@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install run run-http run-apigee test lint typecheck bench clean
+.PHONY: help install run run-http run-apigee test lint typecheck bench locust clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ test: $(STAMP) ## lint, typecheck and the whole test suite (unit, integration, E
 bench: $(STAMP) ## Envoy direct vs + no-op Python servicer vs + authz: API key standalone, Apigee mode and key index, JWT cached and unique, quota, access log; over HTTP: no-op, API key, JWT cached, quota; open-loop p50/p99 at 1,000 req/s (needs wrk; apt-get installs it)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m loadtest.bench
+
+LOCUST_ARGS ?= --users 20 --duration 30
+locust: $(STAMP) ## Locust through Envoy on a local stack: every scenario (keys, JWTs, quota, wrong path), rps and p50/p95/p99; exit 1 on a wrong outcome (LOCUST_ARGS="--apigee ..." or "--host URL ...")
+	$(PY) -m loadtest.locust_run $(LOCUST_ARGS)
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

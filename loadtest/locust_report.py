@@ -199,6 +199,8 @@ def format_report(report: Report) -> str:
         f"p50/p95/p99 {_ms(total.p50)}/{_ms(total.p95)}/{_ms(total.p99)} ms (Locust's client-side times)"
     )
     lines.append(f"wrong outcomes {report.wrong_outcomes} (wrong allows {report.wrong_allows})")
+    if off := [name for name in SCENARIOS if name not in report.tally.enabled]:
+        lines.append(f"scenarios off (weight 0, or no key or token given): {', '.join(off)}")
     if report.quota is not None:
         check = report.quota
         verdict = "holds" if check.holds else "VIOLATED"

@@ -67,6 +67,7 @@ def test_a_short_run_against_the_local_stack_passes_with_every_scenario_answered
     assert f"p50/p95/p99 {total['p50']:.0f}/{total['p95']:.0f}/{total['p99']:.0f} ms" in proc.stdout
     assert "wrong outcomes 0 (wrong allows 0)" in proc.stdout
     assert f"quota: {quota['allowed']} allowed, at most {quota['bound']}" in proc.stdout
+    assert "scenarios off" not in proc.stdout
     assert proc.stdout.rstrip().endswith("PASS")
 
 

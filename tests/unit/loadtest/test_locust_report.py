@@ -95,6 +95,10 @@ def test_a_clean_run_passes_and_the_summary_prints_its_numbers(tmp_path):
     assert "wrong outcomes 0 (wrong allows 0)" in text
     assert "quota: 5 allowed, at most 5 = (5 + 0) x 1 window(s) of 60s: holds" in text
     assert "200x5 429x45" in text
+    assert (
+        "scenarios off (weight 0, or no key or token given): invalid_key, jwt_cached, jwt_unique, wrong_path"
+        in text
+    )
     assert text.endswith("PASS")
     assert report.to_dict()["exit_code"] == 0
 
