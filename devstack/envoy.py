@@ -47,7 +47,7 @@ DEFAULT_VARS: dict[str, str] = {
     # http2 max_concurrent_streams of the authz cluster: Envoy's own default (protocol.proto), so one
     # connection per Envoy worker carries every check below 1024 in flight
     "AUTHZ_MAX_CONCURRENT_STREAMS": "1024",
-    "HEALTH_PATH": "/healthz",  # gateway.yaml: answered by Envoy without ext_authz
+    "HEALTH_PATH": "/gateway-health",  # gateway.yaml: answered by Envoy without ext_authz
     "ACCESS_LOG": "[]",  # bench.yaml: no access logger unless a case asks for one
     # sidecar-http.yaml: authz response headers copied upstream; by default a name authz never sends
     "UPSTREAM_HEADERS": "[{exact: x-authz-copy-nothing}]",

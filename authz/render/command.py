@@ -35,7 +35,7 @@ DEFAULT_UPSTREAM = "127.0.0.1:8888"
 DEFAULT_METRICS_PORT = "5001"
 DEFAULT_JWT_AUDIENCE = "remote-service-client"  # Apigee remote-token tokens (apigee-adapter.md §3.6)
 DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"  # Debian/Ubuntu, the envoyproxy/envoy image
-# Cloud Run reserves URL paths ending in "z" (/healthz...), so the gateway's own health path does not.
+# Not ending in "z": Cloud Run reserves some such URL paths (/healthz among them).
 DEFAULT_HEALTH_PATH = "/gateway-health"
 # Checks per HTTP/2 connection before Envoy opens another: spreads a busy sidecar's checks over several
 # connections, so over `authz serve --workers N` and over the replicas behind a TCP load balancer.
