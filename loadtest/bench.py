@@ -1,6 +1,6 @@
 """``make bench``: what ext_authz in Python costs, measured through one real Envoy.
 
-Fourteen cases, each through the same Envoy build (``--concurrency 1``) and the same wrk load (closed loop:
+Fifteen cases, each through the same Envoy build (``--concurrency 1``) and the same wrk load (closed loop:
 1 thread, ``--connections`` connections, ``--warmup`` s discarded, then ``--duration`` s measured):
 
   (a) ``envoy/direct.yaml``: Envoy answers 200 itself (direct_response), no ext_authz. The baseline.
@@ -42,6 +42,12 @@ Fourteen cases, each through the same Envoy build (``--concurrency 1``) and the 
   (n) as (g), over HTTP: the quota-bearing product, charged on every request.
   The HTTP cases keep their gRPC twin's checks. Their ratios to (b) (the gRPC no-op; the issue's target
   is >= 3.0) and to (k) (the HTTP no-op; target >= 0.85) are printed, not pass/fail checks.
+  (o) as (c), with ``authz serve --workers 2`` (two processes sharing the port with SO_REUSEPORT) and the
+      authz cluster's ``max_concurrent_streams`` at connections / 8, so Envoy opens about four connections
+      a worker for the kernel to spread. Pinned, the workers get ``--workers-cpus`` (default ``0,1``: both
+      CPUs, sharing CPU 0 with Envoy and wrk; ``1`` gives them (c)'s single core). The Python CPU column is
+      the supervisor and its workers together. The case fails unless both workers answered checks; o/c
+      (2 workers against 1) and each worker's share of the checks are printed.
 
 In (b) to (n) the route is a direct_response too, so no upstream server is measured; ext_authz runs
 before the router, and the bench checks Envoy's ``ext_authz.ok`` counter against the 2xx count.
@@ -166,6 +172,8 @@ def report(results: list[Result], opts: Options) -> None:
         print(f"j/b = {index_path:.2f}  (Apigee mode, key from the key index; {versus})")
     for line in http_ratios(by_case):
         print(line)
+    for line in worker_lines(by_case, opts):
+        print(line)
     for r in results:
         if r.jwt_valid is not None and r.rps is not None:
             print(f"{r.case}: {r.jwt_valid} valid JWT verifications for {r.requests} measured requests")
@@ -206,6 +214,19 @@ def http_ratios(by_case: dict[str, Result]) -> Iterator[str]:
             yield f"{'  '.join(parts)}  ({what}; reported, not checked)"
 
 
+def worker_lines(by_case: dict[str, Result], opts: Options) -> Iterator[str]:
+    """Case (o) against (c): 2 workers against 1, and how the checks split between the workers."""
+    o = by_case.get("o")
+    if o is None or o.worker_checks is None:
+        return
+    total = sum(o.worker_checks) or 1
+    shares = ", ".join(f"worker {k} {n / total:.0%}" for k, n in enumerate(o.worker_checks))
+    where = f"CPUs {opts.workers_cpus}" if opts.pin else "not pinned"
+    o_c = ratio(by_case, "o", "c")
+    versus = f"o/c = {o_c:.2f}  (2 workers against 1; " if o_c is not None else "o: ("
+    yield f"{versus}workers on {where}; checks: {shares})"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.bench",
@@ -241,6 +262,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_OPEN_LOOP_CONNECTIONS,
         help=f"open-loop keep-alive connections (default {DEFAULT_OPEN_LOOP_CONNECTIONS})",
     )
+    parser.add_argument(
+        "--workers-cpus",
+        default="0,1",
+        help="taskset -c list for case (o)'s two workers when pinned (default 0,1; 1 = (c)'s core)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     unknown = set(args.cases) - set(CASES)
@@ -270,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         open_loop_rate=args.open_loop_rate,
         open_loop_duration=args.open_loop_duration,
         open_loop_connections=args.open_loop_connections,
+        workers_cpus=args.workers_cpus,
     )
     results = []
     for case in (c for c in CASES if c in args.cases):

@@ -56,6 +56,7 @@ DEFAULT_JWT_RATE = 12_000.0  # req/s (f)'s tokens are minted for when (b) did no
 TOKEN_MARGIN = 1.15  # otherwise (f)'s tokens are minted for (b)'s rate x TOKEN_MARGIN: (b) is the ceiling
 INDEX_TIMEOUT = 30.0  # seconds (j) waits for authz's first full listing of apps and keys
 KEY_SYNC_INTERVAL = "1h"  # case (j): no second listing during the case
+WORKERS = 2  # case (o)
 
 
 # --- Envoy in front of an ext_authz server --------------------------------------------------------
@@ -72,10 +73,12 @@ def through_ext_authz(
     jwt_valid: Callable[[], float] | None = None,
     access_log: bool = False,
     index_hits: Callable[[], float] | None = None,
+    envoy_vars: Mapping[str, object] | None = None,
 ) -> Result:
     """Envoy (``bench.yaml``, or ``bench-http.yaml`` for an HTTP ``authz``) in front of the ext_authz
     server; ``before(listen_port)`` runs once Envoy can reach the server, ahead of the warm-up. ``load``,
-    ``jwt_valid`` and ``index_hits`` go to measure(); OPEN_LOOP_CASES then get their open-loop run."""
+    ``jwt_valid`` and ``index_hits`` go to measure(); OPEN_LOOP_CASES then get their open-loop run.
+    ``envoy_vars`` are more of ``bench.yaml``'s template variables."""
     listen, admin = free_port(), free_port()
     if authz.http:
         config = render(
@@ -92,6 +95,7 @@ def through_ext_authz(
         config = render(
             "bench.yaml",
             opts.log_dir,
+            envoy_vars,
             api_name=BENCH_API,
             out_name=f"{case}-bench.yaml",
             LISTEN_PORT=listen,
@@ -207,6 +211,43 @@ def case_authz(
     if quota is not None:
         check_quota_charged(result, metrics_port)
     return result
+
+
+def case_authz_workers(opts: Options, stack: contextlib.ExitStack) -> Result:
+    """(c) with ``authz serve --workers 2``: the kernel spreads Envoy's connections over the two workers.
+
+    Envoy (one worker thread) opens one HTTP/2 connection to a cluster unless its streams are capped, so
+    ``AUTHZ_MAX_CONCURRENT_STREAMS`` makes it open about four connections a worker for wrk's load.
+    Pinned, the workers get ``--workers-cpus`` (default both CPUs, shared with Envoy and wrk on CPU 0; ``1``
+    gives them (c)'s one core, which measures the cost of the split). The case fails unless both workers
+    answered checks.
+    """
+    api_port, metrics_port = free_port(), free_port()
+    config = write_authz_config(
+        opts.log_dir / "o-authz.yaml",
+        catalog_path=write_catalog(opts, "o"),
+        api_port=api_port,
+        metrics_port=metrics_port,
+    )
+    with unittest.mock.patch.dict(os.environ, {"AUTHZ_WORKERS": str(WORKERS)}):  # the child copies it
+        cpus = opts.workers_cpus if opts.pin else None
+        server = start_authz(config, metrics_port, opts.log_dir, name="o-authz", cpu_list=cpus)
+    stack.callback(server.stop)
+    streams = max(1, opts.connections // (4 * WORKERS))  # about 4 connections a worker
+    before = worker_checks(metrics_port)
+    result = through_ext_authz(
+        "o", Upstream(api_port), server, opts, stack, envoy_vars={"AUTHZ_MAX_CONCURRENT_STREAMS": streams}
+    )
+    after = worker_checks(metrics_port)
+    result.worker_checks = [round(now - was) for now, was in zip(after, before, strict=True)]
+    if result.error is None and not all(result.worker_checks):
+        result.error = f"checks per worker {result.worker_checks}: a worker got no traffic"
+    return result
+
+
+def worker_checks(metrics_port: int) -> list[float]:
+    """Checks each worker has answered (``auth_requests_seconds_count`` by its ``worker`` label)."""
+    return [metric_sum(metrics_port, "auth_requests_seconds_count", f'worker="{k}"') for k in range(WORKERS)]
 
 
 def case_authz_http(opts: Options, stack: contextlib.ExitStack) -> Result:
@@ -470,6 +511,7 @@ RUNNERS: dict[str, Callable[[Options, contextlib.ExitStack], Result]] = {
     "l": case_authz_http,
     "m": case_jwt_cached_http,
     "n": case_quota_http,
+    "o": case_authz_workers,
 }
 
 

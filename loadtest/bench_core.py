@@ -45,6 +45,7 @@ CASES = {
     "l": "(l) Envoy + HTTP ext_authz -> authz",
     "m": "(m) Envoy + HTTP ext_authz -> authz, same JWT",
     "n": "(n) Envoy + HTTP ext_authz -> authz, quota",
+    "o": "(o) Envoy + ext_authz -> authz, 2 workers",
 }
 HTTP_CASES = "klmn"  # ext_authz over HTTP (envoy/bench-http.yaml); the others over gRPC (envoy/bench.yaml)
 OPEN_LOOP_CASES = "bckl"  # the cases that also get an open-loop run after their closed-loop one
@@ -68,6 +69,7 @@ class Options:
     open_loop_rate: float = DEFAULT_OPEN_LOOP_RATE
     open_loop_duration: float = 10.0  # seconds; 0 = no open-loop runs
     open_loop_connections: int = DEFAULT_OPEN_LOOP_CONNECTIONS
+    workers_cpus: str = "0,1"  # case (o)'s taskset -c list when pinned
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class Result:
     server_cpu: float | None = None
     jwt_valid: int | None = None  # valid JWT verifications during the measured run, cases (e), (f), (m)
     index_hits: int | None = None  # API keys answered from the key index during the measured run, case (j)
+    worker_checks: list[int] | None = None  # checks each worker answered in the measured run, case (o)
     open_loop: OpenLoopRun | None = None  # OPEN_LOOP_CASES
     error: str | None = None
 
@@ -175,10 +178,19 @@ def bench_catalog(quota: int | None = None) -> dict[str, object]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # After the ")" that ends comm: fields[0] is state (field 3), so utime (14) and stime (15) are 11, 12.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of ``pid`` and its running children so far (Linux /proc): with
+    ``authz serve --workers N`` the supervisor's workers do the work."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone since the listing
+            continue
+        # After the ")" that ends comm: fields[0] is state (field 3), fields[1] the parent's PID (field 4),
+        # so utime (14) and stime (15) are 11, 12.
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # --- wrk ------------------------------------------------------------------------------------------

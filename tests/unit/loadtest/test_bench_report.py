@@ -15,7 +15,7 @@ def result(case: str, rps: float, **more) -> Result:
 
 
 def test_every_case_has_a_runner_and_the_http_and_open_loop_cases_exist():
-    assert set(RUNNERS) == set(CASES) == set("abcdefghijklmn")
+    assert set(RUNNERS) == set(CASES) == set("abcdefghijklmno")
     assert set(HTTP_CASES) == set("klmn")
     assert set(OPEN_LOOP_CASES) <= set(CASES)
 
@@ -69,3 +69,17 @@ def test_open_loop_table_lists_the_runs_with_cpu_per_request():
     assert row.split()[-9:] == ["0.200", "0.300", "0.900", "3.00", "0", "10%", "2%", "25", "ok"]
     assert lines[-1] == "(the load generator's own lateness, p99 of every run: at most 0.050 ms)"
     assert list(open_loop_table([result("a", 1.0)], opts)) == []
+
+
+def test_workers_line_compares_two_workers_with_one_and_shows_the_split():
+    opts = Options(
+        duration=10, warmup=2, connections=32, ext_authz_timeout="0.5s", pin=True, log_dir=Path(".")
+    )
+    by_case = {"c": result("c", 9_000), "o": result("o", 11_700, worker_checks=[600, 400])}
+    assert list(bench.worker_lines(by_case, opts)) == [
+        "o/c = 1.30  (2 workers against 1; workers on CPUs 0,1; checks: worker 0 60%, worker 1 40%)"
+    ]
+    assert bench.parse_args(["--workers-cpus", "1"]).workers_cpus == "1"
+    del by_case["c"]
+    assert list(bench.worker_lines(by_case, opts))[0].startswith("o: (workers on CPUs 0,1;")
+    assert list(bench.worker_lines({}, opts)) == []
