@@ -1,7 +1,7 @@
 """deploy/cloudrun/service.yaml and the deployment guide: the Cloud Run sidecar's structure (Envoy as the only
 ingress container, start order, the Envoy config from Secret Manager, the VPC connector), the Envoy config
 the guide's own ``authz render envoy`` command produces meeting the containers' and the GKE Service's ports,
-and every ``deploy/`` path the guide names existing."""
+and every ``deploy/`` and ``tests/`` path the guide names existing."""
 
 from __future__ import annotations
 
@@ -161,9 +161,10 @@ def test_the_guides_render_command_meets_the_containers_and_the_gke_service(
     assert "orders-api" in out.read_text()  # --api reached the route's context extensions
 
 
-def test_every_deploy_path_in_the_guide_exists() -> None:
+def test_every_repository_path_in_the_guide_exists() -> None:
     text = GUIDE.read_text()
-    paths = set(re.findall(r"(?<![\w.-])deploy/[\w./-]*\w/?", text))
+    # deploy/... or tests/... at the start of a path, or right after $PWD/ (in the docker run mounts)
+    paths = set(re.findall(r"(?:(?<=\$PWD/)|(?<![\w./-]))(?:deploy|tests)/[\w./-]*\w/?", text))
     assert len(paths) > 10
     missing = sorted(p for p in paths if not (ROOT / p).exists())
     assert not missing, f"deploy/README.md names paths that do not exist: {missing}"
