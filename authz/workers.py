@@ -205,11 +205,6 @@ class Supervisor:
     def _answered(self, index: int) -> None:
         self._slots[index].answered = True
 
-    @property
-    def pids(self) -> list[int | None]:
-        """Each worker's PID (None while it is down)."""
-        return [s.proc.pid if s.proc is not None and s.proc.returncode is None else None for s in self._slots]
-
     async def run(self) -> int:
         """Until SIGTERM or SIGINT (or a worker that cannot start); returns the exit code."""
         self._stop = asyncio.Event()
