@@ -262,6 +262,9 @@ def test_the_default_sidecar_is_for_cloud_run():
     assert authz["health_checks"][0]["interval"] == "5s"
     thresholds = authz["circuit_breakers"]["thresholds"][0]
     assert thresholds["max_requests"] == 1000 and thresholds["max_pending_requests"] == 1000
+    # /v1/orders/../admin must not be checked as /v1/orders/** and then reach /v1/admin
+    assert hcm(doc)["normalize_path"] is True and hcm(doc)["merge_slashes"] is True
+    assert hcm(doc)["path_with_escaped_slashes_action"] == "UNESCAPE_AND_REDIRECT"
     ext_authz = hcm(doc)["http_filters"][0]["typed_config"]
     assert ext_authz["failure_mode_allow"] is False
     assert ext_authz["status_on_error"] == {"code": 503}
