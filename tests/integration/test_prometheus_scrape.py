@@ -59,7 +59,18 @@ class Service:
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[Service]:
+def prometheus_binary() -> str:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip(
+            "prometheus not installed: make test installs Debian's prometheus with apt-get; "
+            "here run `apt-get install prometheus`"
+        )
+    return binary
+
+
+@pytest.fixture
+def service(prometheus_binary: str, tmp_path: Path) -> Iterator[Service]:
     """``authz serve --workers 2``, standalone; ready when it yields."""
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(catalog_yaml())
@@ -80,14 +91,8 @@ def service(tmp_path: Path) -> Iterator[Service]:
 
 
 @pytest.fixture
-def prometheus(service: Service, tmp_path: Path) -> Iterator[Prometheus]:
+def prometheus(prometheus_binary: str, service: Service, tmp_path: Path) -> Iterator[Prometheus]:
     """A Prometheus server scraping the service every second, with the shipped rules."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip(
-            "prometheus not installed: make test installs Debian's prometheus with apt-get; "
-            "here run `apt-get install prometheus`"
-        )
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(MONITORING / "alerts.yaml")],
@@ -105,7 +110,7 @@ def prometheus(service: Service, tmp_path: Path) -> Iterator[Prometheus]:
     config_file.write_text(yaml.safe_dump(config))
     port = free_port()
     argv = [
-        binary,
+        prometheus_binary,
         f"--config.file={config_file}",
         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
         f"--web.listen-address=127.0.0.1:{port}",
