@@ -87,6 +87,11 @@ def _add_arguments(parser: Any) -> None:
     option("authz-jwt", "a valid bearer token reused on every jwt_cached request", is_secret=True)
     option("authz-tokens-file", "valid bearer tokens, one a line, one per jwt_unique request")
     option("authz-key-header", "the header that carries the API key", "x-api-key")
+    option(
+        "authz-header",
+        "one more header on every request, 'Name: value' (e.g. X-Serverless-Authorization for Cloud Run IAM)",
+        is_secret=True,
+    )
     option("authz-path", "a path the valid key's product covers", DEFAULT_PATH)
     option("authz-quota-path", "a path of the quota key's product", DEFAULT_QUOTA_PATH)
     option("authz-wrong-path", "a path no product of the valid key covers", DEFAULT_WRONG_PATH)
@@ -108,7 +113,18 @@ class Settings:
     expect: dict[str, Expectation] = {}
     tokens: list[str] = []
     outcomes_file: str = ""
+    extra: dict[str, str] = {}
     environment: Any = None
+
+
+def extra_header(text: str) -> dict[str, str]:
+    """``--authz-header 'Name: value'`` as a one-entry dict ({} when empty)."""
+    if not text:
+        return {}
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise SystemExit(f"--authz-header: expected 'Name: value', got {text[:20]!r}...")
+    return {name.strip().lower(): value.strip()}
 
 
 TALLY = Tally()
@@ -122,6 +138,7 @@ def _configure(environment: Any, **_kwargs: Any) -> None:
         return
     Settings.environment = environment
     key_header = opts.authz_key_header.lower()
+    Settings.extra = extra_header(opts.authz_header)
     Settings.headers = {
         VALID_KEY: {key_header: opts.authz_api_key},
         INVALID_KEY: {key_header: opts.authz_invalid_key},
@@ -129,6 +146,8 @@ def _configure(environment: Any, **_kwargs: Any) -> None:
         QUOTA: {key_header: opts.authz_quota_key},
         WRONG_PATH: {key_header: opts.authz_api_key},
     }
+    for headers in Settings.headers.values():
+        headers.update(Settings.extra)
     Settings.paths = {name: opts.authz_path for name in (VALID_KEY, INVALID_KEY, JWT_CACHED, JWT_UNIQUE)}
     Settings.paths.update({QUOTA: opts.authz_quota_path, WRONG_PATH: opts.authz_wrong_path})
     Settings.expect = expectations(
@@ -221,7 +240,8 @@ class AuthzUser(FastHttpUser):
         if serial >= len(Settings.tokens):
             TALLY.tokens_reused += 1
         token = Settings.tokens[serial % len(Settings.tokens)]
-        self._check(JWT_UNIQUE, Settings.paths[JWT_UNIQUE], {"authorization": f"Bearer {token}"})
+        headers = {"authorization": f"Bearer {token}", **Settings.extra}
+        self._check(JWT_UNIQUE, Settings.paths[JWT_UNIQUE], headers)
 
     @task(DEFAULT_WEIGHTS[QUOTA])
     def quota(self) -> None:
