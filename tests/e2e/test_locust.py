@@ -57,7 +57,7 @@ def test_a_short_run_against_the_local_stack_passes_with_every_scenario_answered
     assert total["requests"] == sum(row["requests"] for row in rows.values())
     assert total["failures"] == 0
     assert total["rps"] == pytest.approx(sum(row["rps"] for row in rows.values()), rel=1e-6)
-    assert 0 < total["p50"] <= total["p95"] <= total["p99"]
+    assert 0 <= total["p50"] <= total["p95"] <= total["p99"]  # whole ms: a fast machine may round to 0
     # The quota key: its limit spent at once, then refused; never more 200s than the windows allow.
     quota = report["quota"]
     assert statuses(report, QUOTA)[429] > 0
