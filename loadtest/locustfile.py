@@ -123,7 +123,9 @@ def extra_header(text: str) -> dict[str, str]:
         return {}
     name, sep, value = text.partition(":")
     if not sep or not name.strip():
-        raise SystemExit(f"--authz-header: expected 'Name: value', got {text[:20]!r}...")
+        raise SystemExit(
+            "--authz-header: expected 'Name: value' (the value is not shown: it may be a secret)"
+        )
     return {name.strip().lower(): value.strip()}
 
 

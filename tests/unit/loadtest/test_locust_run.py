@@ -92,3 +92,33 @@ def test_the_local_catalog_grants_each_key_only_its_own_product():
     assert digest == hashlib.sha256(b"valid").hexdigest()  # the key itself is never written
     keys = {key.key: key.products for key in locust_stack.fake_keys("valid", "quota")}
     assert keys == {"valid": (locust_stack.PRODUCT,), "quota": (locust_stack.QUOTA_PRODUCT,)}
+
+
+def fake_locust(tmp_path, monkeypatch, body):
+    """Stand a shell script in for the locust executable."""
+    script = tmp_path / "locust"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(locust_run, "locust_binary", lambda: str(script))
+    return locust_run.remote_target(locust_run.parse_args(["--host", "http://127.0.0.1:9"]))
+
+
+def test_a_locust_that_overruns_is_stopped_by_pid_and_the_run_fails(tmp_path, monkeypatch):
+    pid_file = tmp_path / "pid"
+    target = fake_locust(tmp_path, monkeypatch, f"echo $$ > {pid_file}\nexec sleep 30")
+    monkeypatch.setattr(locust_run, "LOCUST_EXTRA_TIME", 0.0)
+    args = locust_run.parse_args(["--host", target.url, "--duration", "0.3"])
+    with pytest.raises(locust_run.RunError, match="did not finish within"):
+        locust_run.run_locust(args, target, tmp_path)
+    pid = int(pid_file.read_text())
+    assert not Path(f"/proc/{pid}").exists()  # stopped and reaped
+
+
+def test_a_locust_that_fails_or_leaves_no_results_is_a_setup_error(tmp_path, monkeypatch):
+    args = locust_run.parse_args(["--host", "http://127.0.0.1:9", "--duration", "5"])
+    target = fake_locust(tmp_path, monkeypatch, "echo 'bad locustfile'\nexit 3")
+    with pytest.raises(locust_run.RunError, match=r"exited with code 3(.|\n)*bad locustfile"):
+        locust_run.run_locust(args, target, tmp_path)
+    target = fake_locust(tmp_path, monkeypatch, "exit 1")  # failures, but no stats written
+    with pytest.raises(locust_run.RunError, match="left no stats or tally"):
+        locust_run.run_locust(args, target, tmp_path)
