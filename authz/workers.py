@@ -270,9 +270,14 @@ class Supervisor:
         """Run the slot's worker; restart it with backoff after an unexpected exit, until stopping."""
         backoff = RESTART_MIN
         while True:
-            proc = await self._spawn(slot)
             began = time.monotonic()
-            slot.code = code = await proc.wait()
+            try:
+                proc = await self._spawn(slot)
+            except OSError as exc:  # no memory, no descriptors: like a worker that died at once
+                log.error("worker %d cannot be started: %s", slot.index, exc)
+                slot.code = code = 1
+            else:
+                slot.code = code = await proc.wait()
             if self.stopping:
                 return
             if not self.started:  # the fleet never served: a restart would fail the same way
@@ -281,10 +286,7 @@ class Supervisor:
                 return
             if time.monotonic() - began >= STABLE_AFTER:
                 backoff = RESTART_MIN
-            how = f"code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
-            log.error(
-                "worker %d (pid %d) exited (%s): restarting in %.1fs", slot.index, proc.pid, how, backoff
-            )
+            log.error("worker %d exited (%s): restarting in %.1fs", slot.index, _how(code), backoff)
             self.metrics.worker_restarts.labels(str(slot.index)).inc()
             assert self._stop is not None
             with contextlib.suppress(TimeoutError):
@@ -327,6 +329,16 @@ class Supervisor:
             return
         log.info("received %s: draining %d workers", signal.Signals(signum).name, self.count)
         self._halt(0)
+
+
+def _how(code: int) -> str:
+    """An exit code as the log says it: ``code 1``, ``signal SIGKILL``."""
+    if code >= 0:
+        return f"code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
 
 
 def _private_dir(temp_dir: str) -> str:
