@@ -38,6 +38,9 @@ class JsonFormatter(logging.Formatter):
         entry = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
             "level": record.levelname.lower(),
+            # Cloud Logging (GKE, Cloud Run) reads the level of a JSON line from "severity"; without it a
+            # line on stderr shows as ERROR.
+            "severity": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
         }

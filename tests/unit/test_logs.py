@@ -30,6 +30,13 @@ def test_json_formatter_writes_one_object_per_line():
     record = logging.LogRecord("authz.x", logging.INFO, __file__, 1, "denied: %s", ("unknown_key",), None)
     entry = json.loads(logs.JsonFormatter().format(record))
     assert (entry["level"], entry["logger"], entry["msg"]) == ("info", "authz.x", "denied: unknown_key")
+    assert entry["severity"] == "INFO"  # what Cloud Logging reads
+
+
+def test_json_severity_uses_cloud_loggings_names():
+    for level, severity in ((logging.DEBUG, "DEBUG"), (logging.WARNING, "WARNING"), (logging.ERROR, "ERROR")):
+        record = logging.LogRecord("authz.x", level, __file__, 1, "m", (), None)
+        assert json.loads(logs.JsonFormatter().format(record))["severity"] == severity
 
 
 def test_setup_configures_the_authz_logger_tree():
