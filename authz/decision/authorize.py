@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from authz.decision import dynamic_metadata as md
 from authz.decision.claims import PRODUCT_LIST, auth_context
@@ -31,6 +31,11 @@ MAX_KEY_LENGTH = 256
 # left out on purpose: Envoy replaces non-UTF-8 bytes with "!", so two different keys could collide.
 _KEY_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+\Z")
 FAILURE_MODE_HEADER = "x-envoy-auth-failure-mode-allowed"
+# A "." or ".." path segment (after percent-decoding; "\\" counts as "/", as some upstreams read it).
+# Products match the raw path, so "/v1/orders/../admin" would match "/v1/orders/**" while the upstream
+# serves /v1/admin. Envoy's normalize_path (envoy/sidecar*.yaml) removes them before the check; a
+# hand-written Envoy config without it gets this deny instead of a bypass.
+_DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.\.?(?:[/\\]|\Z)")
 # What an API key stands for: its credential, or why it grants nothing (unknown, unavailable, ...).
 KeyLookup = Callable[[str], "Credential | DenyReason"]
 
@@ -53,6 +58,11 @@ _POLICY_DENIES = frozenset(
 def key_digest(key: str) -> str:
     """The catalog's form of an API key: lowercase hex SHA-256 of its ASCII bytes."""
     return hashlib.sha256(key.encode("ascii")).hexdigest()
+
+
+def unsafe_path(path: str) -> bool:
+    """True when ``path`` has a dot segment, raw or percent-encoded (``%2e``, ``%2f``): not normalised."""
+    return bool(_DOT_SEGMENT.search(unquote(path) if "%" in path else path))
 
 
 def _environment(attrs: RequestAttrs, policy: Policy) -> str | DenyReason:
@@ -262,6 +272,8 @@ def decide(
     api = attrs.context_extensions.get("apigee_api") or attrs.headers.get(policy.api_header, "")
     if not api:
         return _deny(DenyReason.MISSING_API, attrs, policy, env=env)
+    if unsafe_path(attrs.path):  # never covered by allow_unauthorized: the request's target is unclear
+        return Decision(reason=DenyReason.UNSAFE_PATH, api=api, environment=env)
     found = _authenticate(attrs, policy, lookup or catalog_lookup(catalog), now, bearer)
     if isinstance(found, DenyReason):
         return _deny(found, attrs, policy, api, env)

@@ -33,6 +33,7 @@ class DenyReason(enum.Enum):
     INVALID_CLAIMS = "invalid_claims"  # JWT claims without a usable api_product_list, client_id, app name
     INVALID_TOKEN = "invalid_token"  # noqa: S105 - a bearer token that does not verify (signature, exp, ...)
     TOKEN_UNAVAILABLE = "token_unavailable"  # noqa: S105 - the issuer's keys cannot be fetched: cannot decide
+    UNSAFE_PATH = "unsafe_path"  # a "." or ".." segment, raw or percent-encoded: the path is not normalised
     QUOTA_EXCEEDED = "quota_exceeded"  # a quota of an authorized operation has no room left in its window
     INTERNAL_ERROR = "internal_error"  # an unexpected error while deciding
 

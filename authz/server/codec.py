@@ -27,6 +27,7 @@ FORBIDDEN: Final = (code_pb2.PERMISSION_DENIED, 403)
 # so "cannot decide" is answered with an explicit 503, never left to Envoy's failure mode.
 UNAVAILABLE: Final = (code_pb2.UNAVAILABLE, 503)
 TOO_MANY: Final = (code_pb2.RESOURCE_EXHAUSTED, 429)
+BAD_REQUEST: Final = (code_pb2.INVALID_ARGUMENT, 400)
 
 # reason -> (gRPC code, HTTP status, message shown to the client)
 DENY_STATUS: Final[dict[DenyReason, tuple[int, int, str]]] = {
@@ -46,6 +47,7 @@ DENY_STATUS: Final[dict[DenyReason, tuple[int, int, str]]] = {
     DenyReason.INVALID_CLAIMS: (*FORBIDDEN, "The token does not name an app and its API products."),
     DenyReason.INVALID_TOKEN: (*UNAUTHENTICATED, "The bearer token is not valid."),
     DenyReason.TOKEN_UNAVAILABLE: (*UNAVAILABLE, "The bearer token could not be checked; try again."),
+    DenyReason.UNSAFE_PATH: (*BAD_REQUEST, "The request path has dot segments; send it normalised."),
     DenyReason.QUOTA_EXCEEDED: (*TOO_MANY, "The quota for this API product is used up; retry later."),
 }
 

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from authz.decision import dynamic_metadata as md
-from authz.decision.authorize import decide, key_digest
+from authz.decision.authorize import decide, key_digest, unsafe_path
 from authz.decision.model import Catalog, Credential, DenyReason, Policy, RequestAttrs
 from authz.decision.products import parse_product
 
@@ -84,6 +84,9 @@ CASES = {
     "envoy's non-utf8 marker": (attrs(key="abc!"), POLICY, DenyReason.MALFORMED_CREDENTIALS),
     "key with space": (attrs(key="a b"), POLICY, DenyReason.MALFORMED_CREDENTIALS),
     "wrong path": (attrs(path="/v2/orders"), POLICY, DenyReason.NOT_AUTHORIZED),
+    "dot-dot out of a granted prefix": (attrs(path="/v1/orders/../admin"), POLICY, DenyReason.UNSAFE_PATH),
+    "encoded dot-dot": (attrs(path="/v1/orders/%2E%2e/admin"), POLICY, DenyReason.UNSAFE_PATH),
+    "dot names in a segment are fine": (attrs(path="/v1/orders/a..b.json"), POLICY, None),
     "wrong method": (attrs(method="DELETE"), POLICY, DenyReason.NOT_AUTHORIZED),
     "wrong api": (attrs(api="billing-api"), POLICY, DenyReason.NOT_AUTHORIZED),
     "no products": (attrs(key=NOPRODUCT), POLICY, DenyReason.NOT_AUTHORIZED),
@@ -105,6 +108,40 @@ def test_decide_table(name):
     assert decision.reason is expected
     assert decision.allowed is (expected is None)
     assert decision.fail_open is False
+
+
+@pytest.mark.parametrize(
+    ("path", "unsafe"),
+    [
+        ("/v1/orders/../admin", True),
+        ("/v1/orders/..", True),
+        ("/v1/./orders", True),
+        ("/.", True),
+        ("/v1/%2e%2e/admin", True),
+        ("/v1/%2E./admin", True),
+        ("/v1/orders%2F..%2Fadmin", True),  # an upstream that decodes %2F sees /v1/orders/../admin
+        ("/v1\\..\\admin", True),  # some upstreams read "\\" as "/"
+        ("/v1/orders", False),
+        ("/v1/orders/file.json", False),
+        ("/v1/.well-known/x", False),
+        ("/v1/...", False),
+        ("/v1/..x/y", False),
+        ("/v1/%zz", False),  # a bad escape stays as it is
+    ],
+)
+def test_unsafe_path_finds_dot_segments_raw_or_encoded(path, unsafe):
+    assert unsafe_path(path) is unsafe
+
+
+def test_allow_unauthorized_does_not_cover_an_unsafe_path():
+    policy = dataclasses.replace(POLICY, allow_unauthorized=True)
+    decision = decide(attrs(path="/v1/orders/../admin"), CATALOG, policy, NOW)
+    assert not decision.allowed
+    assert (decision.reason, decision.api, decision.environment) == (
+        DenyReason.UNSAFE_PATH,
+        "orders-api",
+        "test",
+    )
 
 
 def test_not_ready_without_catalog():

@@ -48,7 +48,7 @@ def test_every_deny_has_a_nonzero_status_and_json_body(reason):
     grpc_code, status, message = codec.DENY_STATUS[reason]
     assert response.status.code == grpc_code != 0
     assert response.denied_response.status.code == status
-    assert status in (401, 403, 429, 503)
+    assert status in (400, 401, 403, 429, 503)
     assert json.loads(response.denied_response.body) == {"error": message, "reason": reason.value}
     assert response.denied_response.headers[0].header.key == "content-type"
     assert not response.HasField("ok_response")
