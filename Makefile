@@ -44,7 +44,7 @@ test: $(STAMP) ## lint, typecheck and the whole test suite (unit, integration, E
 	$(PY) -m pytest --cov --cov-report=term
 	$(PY) -m coverage report --include='authz/decision/*' --fail-under=100 --skip-covered  # the pure core: every branch
 
-bench: $(STAMP) ## Envoy direct vs + no-op Python servicer vs + authz: API key standalone, Apigee mode and key index, JWT cached and unique, quota, access log; over HTTP: no-op, API key, JWT cached, quota; open-loop p50/p99 at 1,000 req/s (needs wrk; apt-get installs it)
+bench: $(STAMP) ## Envoy direct vs + no-op Python servicer vs + authz: API key standalone, Apigee mode and key index, JWT cached and unique, quota, access log; over HTTP: no-op, API key, JWT cached, quota; API key with 2 workers; open-loop p50/p99 at 1,000 req/s (needs wrk; apt-get installs it)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m loadtest.bench
 
