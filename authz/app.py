@@ -51,7 +51,7 @@ from authz.server.accesslog import AccessLogServicer
 from authz.server.authorization import AuthorizationServicer, add_to_server
 from authz.server.check import Checker, Codec
 from authz.server.health import Health
-from authz.server.http import HttpEndpoints
+from authz.server.http import HttpEndpoints, server_ssl_context
 from authz.server.http_check import HttpCheckServer
 from authz.standalone.watcher import LocalCatalog
 from authz.workers import Role
@@ -349,9 +349,7 @@ def _server_tls(config: Config) -> tuple[grpc.ServerCredentials | None, ssl.SSLC
         return None, None
     with open(tls.key_file, "rb") as key, open(tls.cert_file, "rb") as cert:
         credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls.cert_file, tls.key_file)
-    return credentials, context
+    return credentials, server_ssl_context(tls)
 
 
 class Service:

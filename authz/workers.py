@@ -55,7 +55,6 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import sys
 import tempfile
 import time
@@ -66,6 +65,7 @@ from authz.config_values import Address
 from authz.errors import ConfigError, ListenError
 from authz.metrics import new_supervisor_metrics
 from authz.server.fleet import Fleet, get
+from authz.server.http import server_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +162,6 @@ def _bind_and_close(address: Address) -> None:
         sock.bind(where)
 
 
-def _metrics_tls(config: Config) -> ssl.SSLContext | None:
-    tls = config.global_.tls
-    if not tls.cert_file:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
-
-
 @dataclass
 class _Slot:
     index: int
@@ -221,9 +212,9 @@ class Supervisor:
     async def _run(self) -> int:
         self._slots = [_Slot(k, os.path.join(self._dir, f"worker-{k}.sock")) for k in range(self.count)]
         fleet = Fleet([s.socket for s in self._slots], self.metrics, lambda: self.stopping, self._answered)
-        address = self.config.global_.metrics_address
+        address, tls = self.config.global_.metrics_address, server_ssl_context(self.config.global_.tls)
         try:
-            server = await fleet.start(address.http_host(), address.port, _metrics_tls(self.config))
+            server = await fleet.start(address.http_host(), address.port, tls)
         except OSError as exc:
             raise ListenError(
                 f"cannot listen on {address} (global.metrics_address): {exc.strerror}"

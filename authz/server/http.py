@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from authz.config import ServerTLS
 from authz.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -33,6 +34,15 @@ NOT_FOUND: Answer = (404, "text/plain", b"not found\n")
 NOT_ALLOWED: Answer = (405, "text/plain", b"method not allowed\n")
 ALIVE: Answer = (200, "text/plain", b"ok\n")
 READY_PATHS = ("/readyz", "/healthz")
+
+
+def server_ssl_context(tls: ServerTLS) -> ssl.SSLContext | None:
+    """The TLS context of the HTTP ports (metrics, probes, HTTP checks); None when ``global.tls`` is off."""
+    if not tls.cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
 
 
 class HttpPort:
